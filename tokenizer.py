@@ -1,0 +1,108 @@
+"""
+Tokenizers: sentencepiece for Llama 2's tokenizer.model, byte-level BPE for GGUF files and tokenizer.json.
+
+Both expose the same small interface: encode(text, bos, eos) -> ids, decode(ids) -> text,
+bos_id / eos_id / pad_id / n_words, and format_chat(messages) -> ids in the model's own chat format.
+"""
+import json
+import os
+from typing import Optional
+
+
+class Tokenizer:
+    def __init__(self, backend: str, model, bos_id: int, eos_id: int, pad_id: int, n_words: int,
+                 add_bos: bool, chat_format: Optional[str]):
+        self.backend, self.model = backend, model  # "sentencepiece" or "bpe"
+        self.bos_id, self.eos_id, self.pad_id, self.n_words = bos_id, eos_id, pad_id, n_words
+        self.add_bos = add_bos  # what the model's own tokenizer config does by default
+        self.chat_format = chat_format  # "llama2" ([INST]), "chatml" (<|im_start|>) or None
+
+    @staticmethod
+    def from_file(path: str) -> "Tokenizer":
+        """tokenizer.model (sentencepiece, Llama 2) or tokenizer.json (HF byte-level BPE)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} not found: copy the model's tokenizer next to its weights")
+        if path.endswith(".model"):
+            from sentencepiece import SentencePieceProcessor
+            sp = SentencePieceProcessor(model_file=path)
+            # Llama 2 has no pad token (-1); padding is always masked, so any id will do: use eos
+            pad = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
+            return Tokenizer("sentencepiece", sp, sp.bos_id(), sp.eos_id(), pad, sp.vocab_size(), True, "llama2")
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(path)
+        config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+
+        def token_id(name, default):
+            value = config.get(name, default)
+            value = value.get("content") if isinstance(value, dict) else value
+            return special.get(value, tok.token_to_id(value) if value else None)
+
+        bos, eos = token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
+        pad = token_id("pad_token", None)
+        chat = "chatml" if "<|im_start|>" in special else None
+        return Tokenizer("bpe", tok, bos if bos is not None else -1, eos, pad if pad is not None else eos,
+                         tok.get_vocab_size(), bool(config.get("add_bos_token", False)), chat)
+
+    @staticmethod
+    def from_gguf(reader) -> "Tokenizer":
+        """Byte-level BPE from the token list and merges stored in a GGUF file (gguf.GGUFReader)."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        def field(name, default=None):
+            f = reader.fields.get(name)
+            return f.contents() if f is not None else default
+
+        if field("tokenizer.ggml.model") != "gpt2":
+            raise ValueError(f"GGUF tokenizer {field('tokenizer.ggml.model')!r} is not supported, only byte-level BPE ('gpt2')")
+        tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        # GPT-2's byte-to-unicode mapping and split regex (SmolLM2's merges never join two digits)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        # control tokens (type 3), e.g. <|im_start|>, are matched whole in the text, never split into bytes
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+        eos = field("tokenizer.ggml.eos_token_id")
+        chat = "chatml" if "<|im_start|>" in (field("tokenizer.chat_template") or "") else None
+        return Tokenizer("bpe", tok, field("tokenizer.ggml.bos_token_id", -1), eos,
+                         field("tokenizer.ggml.padding_token_id", eos), len(tokens),
+                         bool(field("tokenizer.ggml.add_bos_token", False)), chat)
+
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
+        """Token ids of text; bos=None adds BOS when the model's tokenizer config does (Llama 2 yes, SmolLM2 no)."""
+        if self.backend == "sentencepiece":
+            ids = self.model.encode(text)
+        else:
+            ids = self.model.encode(text, add_special_tokens=False).ids
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        if self.backend == "sentencepiece":
+            return self.model.decode(list(ids))
+        return self.model.decode(list(ids), skip_special_tokens=False)
+
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation [{"role": ..., "content": ...}] in the format the model was trained with.
+        Ids rather than text because Llama 2 puts BOS/EOS ids between turns, which text cannot express."""
+        if self.chat_format == "chatml":
+            # SmolLM2's template (from the GGUF metadata): a default system turn, then <|im_start|>role\n...<|im_end|>\n
+            if messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, "
+                             "trained by Hugging Face"}] + list(messages)
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return self.encode(text + "<|im_start|>assistant\n" * add_generation_prompt)
+        if self.chat_format == "llama2":
+            # Meta's format: [BOS][INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer [EOS] per turn
+            if messages[0]["role"] == "system":
+                first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+                messages = [{"role": "user", "content": first}] + list(messages[2:])
+            ids = []
+            for user, answer in zip(messages[::2], messages[1::2]):
+                ids += self.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()}", True, True)
+            if len(messages) % 2:
+                ids += self.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]", True, False)
+            return ids
+        raise ValueError("this tokenizer has no chat format: it belongs to a base model, give it plain text")
