@@ -1,0 +1,266 @@
+"""
+Tasks for PARA fine-tuning (paper, Appendix A): COPA, BoolQ and SQuAD v1.1.
+
+A task is a folder with train.jsonl, dev.jsonl and test.jsonl, one JSON object a line:
+    {"prompt": "...\nAnswer:", "target": " True", "label": "True", "id": 0}
+The training text is exactly prompt + target: the prompt ends without a space and the target begins with one.
+Extra keys: "id" (the source's id), and what the metric needs: "label" (the label word, classification)
+or "answers" (every gold answer, SQuAD). data/<task>/prepare.py builds a task's folder; a folder of
+your own with the same three files is a task too.
+
+train.py uses resolve_task, load_split and metric_for; the prepare scripts share download,
+read_source, parse_jsonl, split_off and write_splits.
+"""
+import collections
+import gzip
+import importlib
+import json
+import os
+import random
+import re
+import string
+import urllib.request
+import zipfile
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+TASKS = {name: DATA_DIR / name for name in ("copa", "boolq", "squad")}  # name -> folder its prepare.py writes
+SPLITS = ("train", "dev", "test")
+
+# -----------------------------------------------------------------------------
+# helpers shared by the data/<task>/prepare.py scripts
+
+def _tmp_name(path):
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
+
+
+def download(url, dest):
+    """Fetch url into dest, unless dest is already there; a temp file + rename never leaves half a file."""
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(dest)
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise ConnectionError(f"could not download {url} ({e}). Without network access, fetch that file "
+                              "another way and pass it, or the folder that holds it, with --src PATH") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+def _pick(paths, name):
+    """The shallowest of paths ("a/b" strings, depth <= 1) named name or name.gz, or None."""
+    hits = [p for p in paths if p.count("/") <= 1 and p.rsplit("/", 1)[-1] in (name, name + ".gz")]
+    return min(hits, key=lambda p: (p.count("/"), p.endswith(".gz"), p), default=None)
+
+
+def read_source(src, name, optional=False):
+    """Text of file `name` (or `name.gz`) in folder or zip `src`, at its top or one folder down (COPA.zip
+    holds COPA/train.jsonl). A missing file raises FileNotFoundError, or gives "" when optional."""
+    src = Path(src)
+    if src.is_dir():
+        hit = _pick([p.relative_to(src).as_posix() for p in [*src.glob("*"), *src.glob("*/*")] if p.is_file()], name)
+        raw = (src / hit).read_bytes() if hit else None
+    elif zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            hit = _pick(z.namelist(), name)
+            raw = z.read(hit) if hit else None
+    elif src.exists():
+        raise ValueError(f"--src {src} is not a folder or a zip file")
+    else:
+        raise FileNotFoundError(f"--src {src} does not exist")
+    if raw is None:
+        message = f"{src} has no {name} (nor {name}.gz), at its top or one folder down"
+        if optional:
+            print(f"warning: {message}; the splits made from it will be empty")
+            return ""
+        hint = (", or add --allow_missing_train to leave the splits made from it empty (evaluation only)"
+                if name.startswith("train") else "")
+        raise FileNotFoundError(f"{message}. Use the official files (run prepare.py without --src to "
+                                f"download them){hint}")
+    return (gzip.decompress(raw) if hit.endswith(".gz") else raw).decode("utf-8")
+
+
+def parse_jsonl(text):
+    # split on "\n" only: str.splitlines would also cut at U+2028, which JSON allows inside strings
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def split_off(examples, k, seed):
+    """(k examples drawn with random.Random(seed), the rest); both keep the source order."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    picked = set(order[:k])
+    return ([e for i, e in enumerate(examples) if i in picked],
+            [e for i, e in enumerate(examples) if i not in picked])
+
+
+def write_splits(out, splits):
+    """Write {split: records} to out/<split>.jsonl: all files are written first, then renamed into place."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmps = {}
+    for split, records in splits.items():
+        tmps[split] = _tmp_name(out / f"{split}.jsonl")
+        with open(tmps[split], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    for split, tmp in tmps.items():
+        os.replace(tmp, out / f"{split}.jsonl")
+    print(f"wrote {out}: " + ", ".join(f"{split} {len(records)}" for split, records in splits.items()))
+    return out
+
+# -----------------------------------------------------------------------------
+# tasks and splits, for train.py
+
+def _unknown(task):
+    return ValueError(f"unknown task {str(task)!r}: the known tasks are {', '.join(TASKS)}. For data of your own, "
+                      "give the path of a folder holding train.jsonl, dev.jsonl and test.jsonl, one "
+                      '{"prompt": ..., "target": ...} object a line')
+
+
+def prepare_task(name, src=None, seed=0, allow_missing_train=False):
+    """Folder of known task `name`, after running data/<name>/prepare.py if a split file is missing.
+    Files already there are kept as they are, whatever seed they were split with."""
+    if name not in TASKS:
+        raise _unknown(name)
+    folder = TASKS[name]
+    if not all((folder / f"{split}.jsonl").is_file() for split in SPLITS):
+        prepare = importlib.import_module(f"{__name__}.{name}.prepare").prepare
+        try:
+            prepare(src=src, out=folder, seed=seed, allow_missing_train=allow_missing_train)
+        except ConnectionError as e:
+            raise ConnectionError(f"{e}\nTo prepare {name} from local files: "
+                                  f"python data/{name}/prepare.py --src PATH") from None
+    return folder
+
+
+def resolve_task(task):
+    """Folder of `task`: a known task's name (prepared on first use), or a folder of your own."""
+    if isinstance(task, str) and task in TASKS:
+        return prepare_task(task)
+    folder = Path(task)
+    if not folder.is_dir():
+        raise _unknown(task)
+    missing = [f"{split}.jsonl" for split in SPLITS if not (folder / f"{split}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(f"task folder {folder} has no {', '.join(missing)}; "
+                                "a task folder needs train.jsonl, dev.jsonl and test.jsonl")
+    return folder
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
+
+
+def _problem(record):
+    """What is wrong with one parsed line, or None."""
+    if not isinstance(record, dict):
+        return f'expected a JSON object with "prompt" and "target", got {JSON_TYPES[type(record)]}'
+    for key in ("prompt", "target"):
+        if key not in record:
+            return f'missing "{key}"; every line needs "prompt" and "target" strings'
+        if not isinstance(record[key], str):
+            return f'"{key}" must be a string, got {JSON_TYPES[type(record[key])]}'
+        if not record[key]:
+            return f'"{key}" is empty; give the text the model reads ("prompt") and must write ("target")'
+    if "label" in record and not isinstance(record["label"], str):
+        return f'"label" must be a string (the label word), got {JSON_TYPES[type(record["label"])]}'
+    answers = record.get("answers", [""])
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+        return '"answers" must be a non-empty array of strings (every gold answer)'
+    return None
+
+
+def load_split(folder, split):
+    """Records of folder/<split>.jsonl. A bad line raises ValueError naming the file, the line and the fix."""
+    path = Path(folder) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a task folder needs train.jsonl, dev.jsonl and test.jsonl")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and not lines[-1].strip():  # blank lines at the end are fine
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"{path}, line {number}: blank line; remove it (only the end may have blank lines)")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({e}); each line must be one JSON object "
+                             'like {"prompt": "...", "target": " ..."}') from None
+        if problem := _problem(record):
+            raise ValueError(f"{path}, line {number}: {problem}")
+        records.append(record)
+    return records
+
+# -----------------------------------------------------------------------------
+# metrics (paper, Appendix A.2): accuracy for COPA and BoolQ; for SQuAD, the mean of F1 and exact match.
+# All in percent, like the official SQuAD script.
+
+def accuracy(preds, golds):
+    """Percent of predictions that begin with their gold label word, case-sensitive. Leading whitespace and
+    whatever follows the word are ignored, so " True", "True." and "True\\nPassage: ..." all count as "True";
+    "true" and "Trues" do not. A trained model writes the label word and stops; the rule only forgives
+    what generation may add after it, and it works for labels of several words."""
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions for {len(golds)} gold labels")
+    hits = sum(re.match(re.escape(gold.strip()) + r"(?!\w)", pred.lstrip()) is not None
+               for pred, gold in zip(preds, golds))
+    return 100.0 * hits / max(len(golds), 1)
+
+
+PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(s):
+    """SQuAD v1.1 answer normalisation: lower case, drop punctuation, drop the articles a/an/the, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in PUNCTUATION)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction, gold):
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction, gold):
+    """Token F1 of the normalised answers; tokens shared = the multiset intersection."""
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    shared = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
+    if shared == 0:  # v1.1 gives 0 here even when both sides are empty
+        return 0.0
+    precision, recall = shared / len(pred_tokens), shared / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(preds, answers_list):
+    """SQuAD v1.1: each prediction takes its best score over all its gold answers; means in percent.
+    "f1-em", the paper's headline, comes first."""
+    if len(preds) != len(answers_list):
+        raise ValueError(f"{len(preds)} predictions for {len(answers_list)} questions")
+    n = max(len(preds), 1)
+    em = 100.0 * sum(max(exact_match_score(p, a) for a in answers) for p, answers in zip(preds, answers_list)) / n
+    f1 = 100.0 * sum(max(f1_score(p, a) for a in answers) for p, answers in zip(preds, answers_list)) / n
+    return {"f1-em": (f1 + em) / 2, "f1": f1, "em": em}
+
+
+def metric_for(task):
+    """metric(preds, records) -> {name: percent} for a task's name or folder; the first key is the paper's
+    headline. Test records with "answers" get squad_metrics on the first line of each prediction ("f1-em");
+    others get accuracy against "label" ("acc"), or against the stripped target when there is no label."""
+    records = load_split(resolve_task(task), "test")
+    if records and all("answers" in r for r in records):
+        def squad(preds, records):
+            first_lines = [p.strip().split("\n")[0] for p in preds]
+            return squad_metrics(first_lines, [r["answers"] for r in records])
+        return squad
+
+    def acc(preds, records):
+        return {"acc": accuracy(preds, [r.get("label", r["target"].strip()) for r in records])}
+    return acc

@@ -1,0 +1,57 @@
+"""
+BoolQ (SuperGLUE) for PARA fine-tuning: writes train.jsonl, dev.jsonl and test.jsonl next to this file.
+
+Splits (paper, Appendix A): train = the official train set (9,427). The official validation set (3,270)
+is shuffled with random.Random(seed) and halved: dev = the first 1,635, test = the other 1,635; with an
+odd count, test gets the extra one. The official test set has no labels and is not used.
+
+    python data/boolq/prepare.py                     # downloads BoolQ.zip from SuperGLUE
+    python data/boolq/prepare.py --src BoolQ.zip     # or a folder or zip with train.jsonl, val.jsonl
+    python data/boolq/prepare.py --src ../shared/assets/boolq --allow_missing_train  # val only: dev/test
+"""
+import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data import download, parse_jsonl, read_source, split_off, write_splits
+
+URL = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/BoolQ.zip"
+HERE = Path(__file__).resolve().parent
+
+# The prompt; the target is " True" or " False". Validation idx 0 as prompt + target (passage cut short):
+#   Passage: Ethanol fuel -- All biomass goes through at least some of these steps: ...
+#   Question: does ethanol take more energy make that produces?
+#   Answer (True or False): False
+# The passage is "<Wikipedia title> -- <text>"; questions are lower case with no question mark.
+TEMPLATE = "Passage: {passage}\nQuestion: {question}?\nAnswer (True or False):"
+
+
+def to_record(example):
+    label = "True" if example["label"] else "False"  # label is a JSON bool
+    prompt = TEMPLATE.format(passage=example["passage"], question=example["question"])
+    return {"prompt": prompt, "target": " " + label, "label": label, "id": example["idx"]}
+
+
+def prepare(src=None, out=HERE, seed=0, allow_missing_train=False):
+    """Write out/{train,dev,test}.jsonl from src (a folder or zip; None downloads the official zip)."""
+    src = src or download(URL, Path(out) / "BoolQ.zip")
+    train = parse_jsonl(read_source(src, "train.jsonl", optional=allow_missing_train))
+    val = parse_jsonl(read_source(src, "val.jsonl"))
+    dev, test = split_off(val, len(val) // 2, seed)
+    splits = {"train": train, "dev": dev, "test": test}
+    return write_splits(out, {split: [to_record(e) for e in examples] for split, examples in splits.items()})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", help="folder or zip with train.jsonl and val.jsonl (default: download)")
+    parser.add_argument("--out", default=HERE, help="folder for train/dev/test.jsonl (default: this file's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dev/test halving (default: 0)")
+    parser.add_argument("--allow_missing_train", action="store_true",
+                        help="if src has no train.jsonl, write an empty train.jsonl instead of failing")
+    try:
+        prepare(**vars(parser.parse_args()))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
