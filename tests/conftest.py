@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ASSETS = ROOT.parent / "shared" / "assets"  # real public data, present on the project's machines only
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the small default model in fp32, loaded once; skipped when not installed."""
+    from model import default_model_path, load
+
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load()
