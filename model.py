@@ -64,7 +64,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # computed in fp32 even for a bf16 model: the mean of squares overflows/underflows in bf16
+        # computed in fp32 even for a bf16 model: bf16 keeps 8 bits of mantissa, too few for a mean of squares
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return x32.type_as(x) * self.weight
@@ -169,11 +169,15 @@ class Transformer(nn.Module):
             )
         h = self.tok_embeddings(tokens)  # (B, T, D)
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
-        if pad_len is None:
+        # SDPA's is_causal mask is aligned top-left (query i sees keys <= i), which is wrong for a chunk
+        # of several tokens appended to a cache: those need the explicit mask below
+        chunk_after_cache = cache is not None and start_pos > 0 and T > 1
+        if pad_len is None and not chunk_after_cache:
             # no padding: plain causal attention (is_causal in SDPA); a single decode query sees everything
             cos, sin = self.rope_cos[positions][None, :, None], self.rope_sin[positions][None, :, None]
             mask = None
         else:
+            pad_len = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad_len is None else pad_len
             row_pos = (positions[None, :] - pad_len[:, None]).clamp(min=0)  # (B, T), padding gets position 0
             cos, sin = self.rope_cos[row_pos][:, :, None], self.rope_sin[row_pos][:, :, None]
             keys = torch.arange(start_pos + T, device=tokens.device)  # (S,) cache columns
