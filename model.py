@@ -231,9 +231,9 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
         args.vocab_size = tokenizer.n_words
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
-    tied = "output.weight" not in state_dict  # SmolLM2: the LM head is the embedding matrix
-    if tied:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    # tied embeddings (SmolLM2): one matrix is both the embedding and the LM head; the readers list it under both names
+    embedding = state_dict.get("tok_embeddings.weight")
+    tied = embedding is not None and state_dict.get("output.weight") is embedding
     with torch.device("meta"):  # no memory for random weights we are about to replace
         model = Transformer(args)
     check_shapes(model, state_dict, path)
@@ -304,15 +304,18 @@ def read_hf(folder: str):
     """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
-    if cfg.get("rope_scaling") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{folder!r}: rope_scaling and biases are not part of Llama 2 and are not supported")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
+    scaled_rope = cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default"
+    if scaled_rope or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
     n_heads = cfg["num_attention_heads"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    if cfg.get("head_dim", cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
+    if (cfg.get("head_dim") or cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
         raise ValueError(f"{folder!r}: head_dim != hidden_size / num_attention_heads is not supported")
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                      vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 4096))
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                     max_seq_len=cfg.get("max_position_embeddings", 4096))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
         from safetensors.torch import load_file
@@ -336,7 +339,7 @@ def read_hf(folder: str):
             name = {"embed_tokens": "tok_embeddings", "lm_head": "output"}.get(name, name)
         state_dict[name + ".weight"] = w
     if cfg.get("tie_word_embeddings"):
-        state_dict.pop("output.weight", None)
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
     else:
@@ -372,4 +375,6 @@ def read_gguf(path: str):
             name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[parts[0]]
         rows = dequantize(t.data, t.tensor_type).reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
         state_dict[name + ".weight"] = torch.from_numpy(rows.astype("float32"))  # a writable copy
+    if "output.weight" not in state_dict:  # llama.cpp stores a tied LM head once, as the embedding
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     return args, state_dict, Tokenizer.from_gguf(reader)
