@@ -95,13 +95,13 @@ class Tokenizer:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return self.encode(text + "<|im_start|>assistant\n" * add_generation_prompt)
         if self.chat_format == "llama2":
-            # Meta's format: [BOS][INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer [EOS] per turn
+            # Meta's format: [BOS][INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer [EOS] per turn (a space ends the answer)
             if messages[0]["role"] == "system":
                 first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
                 messages = [{"role": "user", "content": first}] + list(messages[2:])
             ids = []
             for user, answer in zip(messages[::2], messages[1::2]):
-                ids += self.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()}", True, True)
+                ids += self.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ", True, True)
             if len(messages) % 2:
                 ids += self.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]", True, False)
             return ids
