@@ -39,7 +39,7 @@ class VectorGenerator(nn.Module):
     def __init__(self, args: ModelArgs, r: int, n_adapters: int, device=None, dtype=None):
         super().__init__()
         d_q, d_kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.split_sizes = (d_q, d_kv, args.hidden_dim)  # l_q, l_v, l_u
+        self.split_sizes = (d_q, d_kv, args.hidden_dim)  # l_q, l_v, l_u; l_q follows wq's rows (Meta's RoPE order)
         d_out = sum(self.split_sizes)
         A = n_adapters
         self.down = nn.Parameter(torch.randn(A, args.dim, r, device=device, dtype=dtype) * 0.02)  # W_down ~ N(0, 0.02)
@@ -52,9 +52,9 @@ class VectorGenerator(nn.Module):
         down, up, bias = self.down, self.up, self.bias  # (A, D, r), (A, r, d_out), (A, d_out)
         if adapter_ids is not None:  # multi-tenant: row i gathers the weights of adapter adapter_ids[i]
             down, up, bias = down[adapter_ids], up[adapter_ids], bias[adapter_ids]  # (B, D, r), (B, r, d_out), (B, d_out)
-        x = h[:, None].to(down.dtype)  # (B, 1, D); the adapter may be kept in fp32 over a bf16 model (train.py does)
-        l = F.gelu(x @ down) @ up + bias[:, None]  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up  (B, 1, d_out)
-        return l.to(h.dtype).split(self.split_sizes, dim=-1)  # Eq. 6: l_q, l_v, l_u = Split(l)  <- born here
+        pooled = h[:, None].to(down.dtype)  # (B, 1, D); the adapter may be kept in fp32 over a bf16 model (train.py does)
+        l = F.gelu(pooled @ down) @ up + bias[:, None]  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up  (B, 1, d_out)
+        return l.to(h.dtype).split(self.split_sizes, dim=-1)  # l_q, l_v, l_u = Split(l)  <- where the vectors are born
 
 
 class ScaledLinear(nn.Module):
@@ -144,17 +144,17 @@ def row_modules(model):
 
 def set_rows(model: Transformer, adapter_ids=None, prompt_len=None):
     """Before a forward: row i uses adapter adapter_ids[i] and its prompt ends at prompt_len[i]-1 (None: at -1)."""
-    if not getattr(model, "adapter_config", None):
-        return
-    device = model.tok_embeddings.weight.device
+    bank = next((p for name, p in model.named_parameters() if is_adapter_param(name)), None)  # (A, ...)
+    if bank is None:
+        return  # a plain model
     if adapter_ids is not None:
-        adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
-        if adapter_ids.min() < 0 or adapter_ids.max() >= model.n_adapters:
-            raise IndexError(f"adapter_ids must lie in [0, {model.n_adapters}), got {adapter_ids.tolist()}")
-        if model.n_adapters == 1:
+        adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=bank.device)
+        if adapter_ids.min() < 0 or adapter_ids.max() >= bank.shape[0]:
+            raise IndexError(f"adapter_ids must lie in [0, {bank.shape[0]}), got {adapter_ids.tolist()}")
+        if bank.shape[0] == 1:
             adapter_ids = None  # a bank of one: the plain, non-gathered path
     if prompt_len is not None:
-        prompt_len = torch.as_tensor(prompt_len, dtype=torch.long, device=device)
+        prompt_len = torch.as_tensor(prompt_len, dtype=torch.long, device=bank.device)
     for m in row_modules(model):
         m.set_rows(adapter_ids, prompt_len)
 
