@@ -1,0 +1,285 @@
+"""generate.py: greedy and beam search equal HF Transformers' generate, batches equal single prompts,
+the cache equals recomputation, sampling is seeded, and the command line refuses bad input clearly."""
+import json
+
+import pytest
+import torch
+
+import generate
+from generate import KVCache, Generation, decode_step, prefill
+from model import load
+
+VOCAB = 96  # "<unk>", "<s>", "</s>" and 93 words
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (no parallel region to start at every small op), most of all
+    on a busy machine; the setting is restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """An HF folder: a random 2-layer GQA LlamaForCausalLM (context 64) and a word-level tokenizer "w3 w4 ..."."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config)
+    with torch.no_grad():  # O(1) activations and well separated logits: HF's std 0.02 init makes near-ties
+        for p in hf.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 2 * torch.randn_like(p) / p.shape[1] ** 0.5)
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(hf, model, tokenizer): HF's model and ours, loaded from the same folder."""
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer = load(str(tiny_dir))
+    return LlamaForCausalLM.from_pretrained(tiny_dir).eval(), model, tokenizer
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def likely_eos(model, tokenizer, prompts):
+    """A token that greedy decoding of these prompts produces after a few steps: as EOS, it really ends some of them."""
+    first = generate.generate(model, tokenizer, prompts, max_new_tokens=4, eos_id=-1)
+    return first[0].tokens[3]
+
+
+def hf_generate(hf, prompt, eos_id, **kwargs):
+    """HF's new tokens for one prompt, cut at its first EOS (after it, HF pads)."""
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=MAX_NEW, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False, **kwargs)
+    new = out[0, len(prompt):].tolist()
+    return new[: new.index(eos_id)] if eos_id in new else new
+
+
+# -----------------------------------------------------------------------------
+# Against HF Transformers
+
+
+def test_greedy_matches_hf_generate(tiny):
+    hf, model, tokenizer = tiny
+    prompts = random_prompts([5, 9, 3, 14, 7])
+    eos = likely_eos(model, tokenizer, prompts)
+    ours = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=eos)[0].tokens for p in prompts]
+    theirs = [hf_generate(hf, p, eos, num_beams=1) for p in prompts]
+    assert ours == theirs
+    assert any(len(t) < MAX_NEW for t in ours), "EOS never happened: the test would not check stopping"
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping", [
+    (3, 1.0, False), (3, 1.0, True), (3, 1.0, "never"), (4, 2.0, False), (4, 2.0, True), (4, 0.5, False),
+    (4, 0.5, "never"),
+])
+def test_beam_search_matches_hf_generate(tiny, num_beams, length_penalty, early_stopping):
+    hf, model, tokenizer = tiny
+    prompts = random_prompts([5, 9, 3, 14, 7], seed=1)
+    eos = likely_eos(model, tokenizer, prompts)
+    options = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    ours = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=eos, **options)[0].tokens for p in prompts]
+    theirs = [hf_generate(hf, p, eos, **options) for p in prompts]
+    assert ours == theirs
+    without_eos = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=-1, **options)[0].tokens for p in prompts]
+    assert ours != without_eos, "EOS changed no answer: the test would not check how beam search treats it"
+
+
+# -----------------------------------------------------------------------------
+# Batches, cache
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny, num_beams):
+    _, model, tokenizer = tiny
+    prompts = random_prompts([5, 11, 2, 8], seed=2)
+    eos = likely_eos(model, tokenizer, prompts)
+    alone = [generate.generate(model, tokenizer, [p], MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
+             for p in prompts]
+    batch = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, num_beams=num_beams, eos_id=eos)]
+    assert batch == alone
+    assert len({len(t) for t in alone}) > 1, "all rows ended together: dropping finished rows went untested"
+
+
+def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(tiny):
+    _, model, _ = tiny
+    prompts = random_prompts([6, 3], seed=3)
+    tokens, pad_len = generate.left_pad(prompts, 0, "cpu")  # (2, 6), pad_len [0, 3]
+    args = model.args
+    cache = KVCache(args.n_layers, 2, 6 + 5, args.n_kv_heads, args.head_dim)
+    with torch.inference_mode():
+        logits = prefill(model, tokens, pad_len, cache)
+        for step in range(5):
+            full = model(tokens, pad_len=pad_len)[:, -1]
+            torch.testing.assert_close(logits, full)
+            next_token = logits.argmax(-1)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            logits = decode_step(model, next_token, 6 + step, pad_len, cache)
+
+
+def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
+    _, model, _ = tiny
+    args = model.args
+    rows = torch.tensor(random_prompts([7, 7, 7], seed=4))  # (3, 7)
+    cache = KVCache(args.n_layers, 4, 8, args.n_kv_heads, args.head_dim)
+    index = torch.tensor([2, 0, 2, 1])  # a row twice, one dropped... and more rows than before
+    with torch.inference_mode():
+        model(rows, cache=cache)
+        cache.reorder(index)
+        token = torch.tensor([5, 6, 7, 8])
+        logits = decode_step(model, token, 7, None, cache)
+        full = model(torch.cat([rows[index], token[:, None]], dim=1))[:, -1]
+    torch.testing.assert_close(logits, full)
+
+
+def test_reorder_from_a_shared_prefix_moves_only_later_positions(tiny):
+    _, model, _ = tiny
+    args = model.args
+    prompt = torch.tensor(random_prompts([5], seed=5))  # (1, 5)
+    cache = KVCache(args.n_layers, 3, 8, args.n_kv_heads, args.head_dim)
+    with torch.inference_mode():
+        model(prompt, cache=cache)
+        cache.reorder(torch.tensor([0, 0, 0]))  # three beams of one prompt
+        beams = torch.tensor([[10], [11], [12]])
+        model(beams, 5, cache=cache)
+        cache.reorder(torch.tensor([2, 2, 0]), start=5)  # positions 0..4 are the same prompt in every row
+        token = torch.tensor([20, 21, 22])
+        logits = decode_step(model, token, 6, None, cache)
+        full = model(torch.cat([prompt.expand(3, 5), beams[[2, 2, 0]], token[:, None]], dim=1))[:, -1]
+    torch.testing.assert_close(logits, full)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and stopping
+
+
+def test_sampling_with_the_same_seed_gives_the_same_tokens(tiny):
+    _, model, tokenizer = tiny
+    prompts = random_prompts([4, 9], seed=6)
+    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, temperature=1.0, seed=123,
+                                                 eos_id=-1)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_sampling_with_another_seed_gives_other_tokens(tiny):
+    _, model, tokenizer = tiny
+    prompts = random_prompts([4, 9], seed=6)
+    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, temperature=1.5, seed=seed,
+                                                 eos_id=-1)] for seed in (1, 2)]
+    assert runs[0] != runs[1]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1e-6), dict(temperature=1.0, top_k=1),
+                                     dict(temperature=1.0, top_p=1e-6)])
+def test_sampling_reduced_to_one_token_is_greedy(tiny, options):
+    _, model, tokenizer = tiny
+    prompts = random_prompts([4, 9, 6], seed=7)
+    greedy = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, eos_id=-1)]
+    sampled = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, seed=0, eos_id=-1, **options)]
+    assert sampled == greedy
+
+
+def test_eos_ends_a_row_and_is_not_returned(tiny):
+    _, model, tokenizer = tiny
+    prompt = random_prompts([6], seed=8)[0]
+    free = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1)[0].tokens
+    eos = free[4]
+    first = free.index(eos)  # EOS may come earlier than step 4
+    assert generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=eos)[0].tokens == free[:first]
+
+
+def test_stop_string_ends_generation_and_is_cut_from_the_text(tiny):
+    _, model, tokenizer = tiny
+    prompt = random_prompts([6], seed=9)[0]
+    free = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1)[0].tokens
+    stop = tokenizer.decode([free[5]])  # a word of the completion: the word-level tokenizer joins words by spaces
+    first = free.index(free[5])
+    result = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1, stop=[stop])[0]
+    assert result.tokens == free[: first + 1]
+    assert result.text == tokenizer.decode(free[: first + 1])[: -len(stop)]
+
+
+def test_result_reports_its_speed(tiny):
+    _, model, tokenizer = tiny
+    result = generate.generate(model, tokenizer, random_prompts([5]), 4, eos_id=-1)[0]
+    assert isinstance(result, Generation) and len(result.tokens) == 4
+    assert 0 < result.prefill_seconds <= result.seconds
+    assert result.tokens_per_s == pytest.approx(4 / result.seconds)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    """Three prompts: plain text, a JSON line, and 37 words (with 30 new tokens, more than the context of 64)."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("w5 w6 w7\n\n{\"prompt\": \"w9 w10\"}\n" + " ".join(f"w{i}" for i in range(3, 40)) + "\n")
+    return path
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of generate.main(argv), in this process."""
+    try:
+        generate.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_refuses_an_empty_prompt(tiny_dir, capsys):
+    code, _, err = run_cli(["--ckpt_dir", str(tiny_dir), "--prompt", "  "], capsys)
+    assert code == 2 and "prompt 0 is empty" in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_prompt_that_does_not_fit_the_context(tiny_dir, prompts_file, capsys):
+    code, _, err = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(prompts_file), "--max_new_tokens", "30"],
+                           capsys)
+    assert code == 2 and "prompt 2 has 37 tokens" in err and "context of 64" in err and "--truncate" in err
+
+
+def test_cli_truncates_a_long_prompt_from_the_left_when_asked(tiny_dir, prompts_file, capsys):
+    code, out, _ = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(prompts_file),
+                            "--max_new_tokens", "30", "--truncate", "--json"], capsys)
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["w5 w6 w7", "w9 w10", " ".join(f"w{i}" for i in range(3, 40))]
+    assert all(len(line["tokens"]) <= 30 for line in lines)
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(["--ckpt_dir", str(tmp_path / "nowhere"), "--prompt", "hi"], capsys)
+    assert code == 2 and "no checkpoint at" in err and "Traceback" not in err
+
+
+def test_cli_json_on_the_small_default_model(smollm, capsys):
+    code, out, err = run_cli(["--prompt", "The capital of France is", "--max_new_tokens", "3", "--json"], capsys)
+    assert code == 0
+    line = json.loads(out)
+    _, tokenizer = smollm
+    assert line["prompt"] == "The capital of France is"
+    assert 1 <= len(line["tokens"]) <= 3 and line["completion"] == tokenizer.decode(line["tokens"])
+    assert line["tokens_per_s"] > 0
+    assert "tokens/s" in err and "peak RSS of the process" in err
