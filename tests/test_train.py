@@ -1,0 +1,422 @@
+"""train.py: the paper's recipe on a tiny random Llama and a tiny task (CPU, fp32, seconds each), the
+reliability of a run (resume, crashes, NaN, bad data), two gloo processes, and command-line smoke runs.
+
+The tiny task: a prompt of three words and "Answer:", the target " A" when at least two of the words are
+colours and " B" otherwise. The answer depends on the prompt, dev and test hold word triples that training may
+not have seen, and chance is 50%.
+"""
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import para
+import train
+from model import ModelArgs, Transformer, load
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+COLOURS, ANIMALS = ["red", "blue", "green", "gold"], ["cat", "dog", "fox", "owl"]
+LR = {"para": 3e-2, "lora": 3e-2, "ia3": 1e-1}  # a random tiny model needs larger steps than the paper's 1e-4
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no `except Exception` in train.py can catch it."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny model is far too small to share between threads; on a busy 2-core machine two threads are
+    # many times slower than one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# the tiny task and the tiny model, written once per session
+
+def task_records(n, seed):
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        words = [rng.choice(COLOURS + ANIMALS) for _ in range(3)]
+        label = "A" if sum(w in COLOURS for w in words) >= 2 else "B"
+        records.append({"prompt": " ".join(words) + " Answer:", "target": " " + label, "label": label, "id": i})
+    return records
+
+
+def write_task(folder, splits):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, records in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """96 train, 32 dev, 32 test examples."""
+    return write_task(tmp_path_factory.mktemp("task") / "tiny",
+                      {"train": task_records(96, 0), "dev": task_records(32, 1), "test": task_records(32, 2)})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A Meta-format folder: params.json, consolidated.00.pth (random, seeded) and a word-level sentencepiece
+    tokenizer.model trained on the task's words (Llama 2's ids: unk 0, BOS 1 added by default, EOS 2)."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([r["prompt"] + r["target"] for r in task_records(200, 9)]), model_writer=proto,
+        model_type="word", vocab_size=32, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(proto.getvalue())
+    vocab = spm.SentencePieceProcessor(model_proto=proto.getvalue()).vocab_size()
+    params = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5, vocab_size=-1, max_seq_len=64)
+    (folder / "params.json").write_text(json.dumps(params))
+    torch.manual_seed(0)
+    torch.save(Transformer(ModelArgs(**{**params, "vocab_size": vocab})).state_dict(), folder / "consolidated.00.pth")
+    return folder
+
+
+def flags(task, model, out_dir, method="para", *extra):
+    """Tiny-run defaults: 15 epochs of 6 steps, dev loss every 30 steps, greedy evaluation."""
+    return ["--task", str(task), "--ckpt_dir", str(model), "--out_dir", str(out_dir), "--method", method,
+            "--r", "4", "--lr", str(LR.get(method, 0)), "--epochs", "15", "--eval_interval", "30", "--num_beams", "1",
+            *map(str, extra)]
+
+
+def adapter_tensors(path, model_dir):
+    """The tensors of an adapter file, read back through para's own loader into a fresh base model."""
+    model, _ = load(str(model_dir))
+    para.load_adapter(model, [path])
+    return para.adapter_state_dict(model)
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+# -----------------------------------------------------------------------------
+# small pieces
+
+
+def test_learning_rate_warms_up_linearly_then_decays_linearly_towards_zero():
+    lrs = [train.lr_at(step, 1e-4, warmup_steps=6, total_steps=100) for step in range(100)]
+    assert lrs[:6] == pytest.approx([1e-4 * k / 6 for k in range(1, 7)])
+    assert lrs[6] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[6:], lrs[7:]))
+    assert lrs[-1] == pytest.approx(1e-4 / 94) and lrs[-1] > 0
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_strictly_lower_dev_loss():
+    best, bad, decisions = float("inf"), 0, []
+    for loss in [0.5, 0.3, 0.4, 0.3, 0.2, 0.25, 0.2, 0.9]:
+        is_best, best, bad, stop = train.early_stopping(loss, best, bad, patience=3)
+        decisions.append((is_best, bad, stop))
+        if stop:
+            break
+    # an equal loss is not an improvement; the counter restarts at every new best
+    assert decisions == [(True, 0, False), (True, 0, False), (False, 1, False), (False, 2, False),
+                         (True, 0, False), (False, 1, False), (False, 2, False), (False, 3, True)]
+
+
+def test_tokenize_gives_the_prompt_ids_generation_sees_and_a_target_ending_with_eos(tiny_model):
+    _, tokenizer = load(str(tiny_model))
+    record = {"prompt": "red cat owl Answer:", "target": " B"}
+    [(prompt, target)], n_truncated = train.tokenize([record], tokenizer, max_seq_len=64)
+    assert prompt == tokenizer.encode(record["prompt"]) and prompt[0] == tokenizer.bos_id
+    assert target[-1] == tokenizer.eos_id and n_truncated == 0
+    assert tokenizer.decode(prompt + target[:-1]) == record["prompt"] + record["target"]
+
+
+def test_long_examples_lose_prompt_tokens_from_the_left_keeping_bos_and_the_target(tiny_model):
+    _, tokenizer = load(str(tiny_model))
+    record = {"prompt": "red cat owl blue dog fox gold Answer:", "target": " A"}
+    full_prompt = tokenizer.encode(record["prompt"])  # BOS + 8 words
+    [(prompt, target)], n_truncated = train.tokenize([record], tokenizer, max_seq_len=6)
+    assert n_truncated == 1 and len(prompt) + len(target) == 6
+    assert prompt == [tokenizer.bos_id] + full_prompt[-3:]  # "fox gold Answer:"
+    assert tokenizer.decode(target[:-1]) == "A"
+
+
+def test_collate_right_pads_and_trains_on_target_tokens_only():
+    tokens, targets, prompt_len = train.collate([([1, 5, 6], [7, 2]), ([1, 8], [9, 10, 2])], pad_id=0, device="cpu")
+    # inputs are the sequence without its last token; position t is trained to predict token t+1
+    assert tokens.tolist() == [[1, 5, 6, 7], [1, 8, 9, 10]]
+    assert targets.tolist() == [[-100, -100, 7, 2], [-100, 9, 10, 2]]
+    assert prompt_len.tolist() == [3, 2]
+    tokens, targets, _ = train.collate([([1, 5], [2]), ([1, 8, 8, 8], [9, 2])], pad_id=0, device="cpu")
+    assert tokens.tolist()[0] == [1, 5, 0, 0, 0] and targets.tolist()[0] == [-100, 2, -100, -100, -100]
+
+# -----------------------------------------------------------------------------
+# learning
+
+
+@pytest.mark.parametrize("method", ["para", "ia3", "lora"])
+def test_a_short_run_lowers_the_dev_loss_and_answers_well_above_chance(method, tiny_task, tiny_model, tmp_path):
+    model, tokenizer = load(str(tiny_model))
+    dev, _ = train.tokenize(train.load_split(tiny_task, "dev"), tokenizer, 64)
+    loss, count = train.target_loss(model, dev, 16, tokenizer.pad_id, "cpu")
+    base_dev_loss = (loss / count).item()
+
+    results = train.main(flags(tiny_task, tiny_model, tmp_path / "out", method))
+    log = read_log(tmp_path / "out" / "log.jsonl")
+    dev_losses = [r["dev_loss"] for r in log if "dev_loss" in r]
+    assert len(dev_losses) == 3 and results["steps"] == 90
+    assert dev_losses[-1] < 0.5 * base_dev_loss, (base_dev_loss, dev_losses)
+    assert results["best_dev_loss"] == min(dev_losses)
+    assert results["test"]["acc"] >= 75 and results["dev"]["acc"] >= 75, results  # chance: 50
+
+
+def test_the_run_stops_when_patience_runs_out_and_keeps_the_adapter_best_on_dev(
+        tiny_task, tiny_model, tmp_path, monkeypatch):
+    scripted = iter([0.5, 0.3, 0.4, 0.35, 0.3, 0.1])  # patience 3: eval 2 is the best, eval 5 ends the run
+    snapshots = []
+
+    def fake_target_loss(model, examples, *args):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return torch.tensor([next(scripted), 1.0], dtype=torch.float64)
+
+    monkeypatch.setattr(train, "target_loss", fake_target_loss)
+    results = train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--eval_interval", 2, "--patience", 3,
+                               "--limit_eval", 4))
+    evals = [r for r in read_log(tmp_path / "out" / "log.jsonl") if "dev_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10] and results["steps"] == 10
+    assert [r["is_best"] for r in evals] == [True, True, False, False, False]
+    assert results["best_dev_loss"] == 0.3
+    saved = adapter_tensors(tmp_path / "out" / "adapter.pt", tiny_model)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, snapshots[1][name])
+    assert any(not torch.equal(saved[n], snapshots[4][n]) for n in saved)
+
+
+def test_gradient_accumulation_gives_the_adapter_of_whole_batches(tiny_task, tiny_model, tmp_path):
+    common = ("--max_steps", 6, "--limit_eval", 2)
+    train.main(flags(tiny_task, tiny_model, tmp_path / "whole", "para", *common, "--micro_batch_size", 16))
+    train.main(flags(tiny_task, tiny_model, tmp_path / "accumulated", "para", *common, "--micro_batch_size", 3))
+    whole = adapter_tensors(tmp_path / "whole" / "adapter.pt", tiny_model)
+    accumulated = adapter_tensors(tmp_path / "accumulated" / "adapter.pt", tiny_model)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+RESUME_FLAGS = ("--epochs", 3, "--eval_interval", 4, "--limit_eval", 4)  # 18 steps, checkpoints every 4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_task, tiny_model, tmp_path_factory):
+    out, threads = tmp_path_factory.mktemp("uninterrupted"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    results = train.main(flags(tiny_task, tiny_model, out, "para", *RESUME_FLAGS))
+    torch.set_num_threads(threads)
+    return out, results
+
+
+def assert_same_run(out, reference, model_dir):
+    ref_out, ref_results = reference
+    saved, ref_saved = adapter_tensors(out / "adapter.pt", model_dir), adapter_tensors(ref_out / "adapter.pt", model_dir)
+    assert all(torch.equal(saved[n], ref_saved[n]) for n in ref_saved)
+    last, ref_last = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, ref_out))
+    assert all(torch.equal(last["adapter"][n], ref_last["adapter"][n]) for n in ref_last["adapter"])
+    assert all(torch.equal(last["optimizer"]["state"][i]["exp_avg_sq"], ref_last["optimizer"]["state"][i]["exp_avg_sq"])
+               for i in ref_last["optimizer"]["state"])
+    # nothing lost, nothing twice: the log is the uninterrupted run's log, line for line
+    assert without_timing(read_log(out / "log.jsonl")) == without_timing(read_log(ref_out / "log.jsonl"))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["dev"], results["test"], results["steps"]) == (ref_results["dev"], ref_results["test"], 18)
+
+
+def test_a_killed_run_resumes_to_exactly_the_adapter_of_an_uninterrupted_run(
+        tiny_task, tiny_model, tmp_path, monkeypatch, uninterrupted):
+    lr_at = train.lr_at
+
+    def killed_at_step_11(step, *args):
+        if step == 10:
+            raise Killed()
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(train, "lr_at", killed_at_step_11)
+    with pytest.raises(Killed):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 8
+    with pytest.raises(train.RunError, match="--resume"):  # a fresh start would throw the interrupted run away
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS))
+    train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS, "--resume"))
+    assert_same_run(tmp_path / "out", uninterrupted, tiny_model)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+        tiny_task, tiny_model, tmp_path, monkeypatch, uninterrupted):
+    save, checkpoints = torch.save, []
+
+    def killed_while_writing_the_second_checkpoint(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(".ckpt.pt"):  # train.py's temp file for ckpt.pt
+            checkpoints.append(f)
+            if len(checkpoints) == 2:
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                Path(f).write_bytes(buffer.getvalue()[:1000])  # half a file, then the power goes
+                raise Killed()
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_while_writing_the_second_checkpoint)
+    with pytest.raises(Killed):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS))
+    monkeypatch.undo()
+    (tmp_path / "out" / ".ckpt.pt.99999.tmp").write_bytes(b"\x80garbage")  # what a real kill leaves behind
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 4  # the first one, intact
+    train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS, "--resume"))
+    assert_same_run(tmp_path / "out", uninterrupted, tiny_model)
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+# -----------------------------------------------------------------------------
+# failures and refusals
+
+
+def test_a_nan_loss_stops_the_run_with_a_message_naming_the_step(tiny_task, tiny_model, tmp_path, monkeypatch):
+    loss_sum, calls = train.loss_sum, []
+
+    def nan_at_the_third_step(logits, targets):
+        calls.append(1)
+        return loss_sum(logits, targets) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(train, "loss_sum", nan_at_the_third_step)
+    with pytest.raises(train.RunError, match=r"loss is nan .* at step 3 "):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--micro_batch_size", 16))
+
+
+def test_a_malformed_data_line_is_reported_with_its_file_and_line_without_a_traceback(tiny_model, tmp_path):
+    records = task_records(4, 0)
+    task = write_task(tmp_path / "task", {"train": records, "dev": records, "test": records})
+    lines = (task / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-1]  # a truncated JSON object on line 3
+    (task / "train.jsonl").write_text("\n".join(lines) + "\n")
+    run = subprocess.run([sys.executable, "train.py", *flags(task, tiny_model, tmp_path / "out")], cwd=REPO,
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    assert f"error: {task / 'train.jsonl'}, line 3: not valid JSON" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_empty_train_split_cannot_train_but_the_base_model_still_evaluates(tiny_model, tmp_path):
+    records = task_records(8, 1)
+    task = write_task(tmp_path / "task", {"train": [], "dev": records, "test": records})
+    with pytest.raises(train.RunError, match="nothing to train on.*--method none"):
+        train.main(flags(task, tiny_model, tmp_path / "para", "para"))
+    results = train.main(flags(task, tiny_model, tmp_path / "none", "none"))
+    assert results["trainable_parameters"] == 0 and results["steps"] == 0
+    assert set(results["test"]) == {"acc"} and (tmp_path / "none" / "results.json").exists()
+    assert not (tmp_path / "none" / "adapter.pt").exists()
+
+
+def test_a_finished_run_is_never_overwritten_silently(tiny_task, tiny_model, tmp_path):
+    quick = flags(tiny_task, tiny_model, tmp_path / "out", "para", "--max_steps", 2, "--limit_eval", 2)
+    first = train.main(quick)
+    with pytest.raises(train.RunError, match="finished run .*--overwrite"):
+        train.main(quick)
+    assert train.main(quick + ["--resume"]) == json.loads((tmp_path / "out" / "results.json").read_text())
+    again = train.main(quick + ["--overwrite"])
+    assert again["test"] == first["test"] and len(read_log(tmp_path / "out" / "log.jsonl")) == 3
+
+
+def test_resume_refuses_a_run_made_with_other_settings(tiny_task, tiny_model, tmp_path):
+    quick = flags(tiny_task, tiny_model, tmp_path / "out", "para", "--max_steps", 2, "--limit_eval", 2)
+    train.main(quick)
+    with pytest.raises(train.RunError, match=r"other settings.*'lr': \(0.03, 0.001\)"):
+        train.main(quick + ["--resume", "--lr", "1e-3"])
+
+
+def test_several_seeds_report_each_seed_and_the_median(tiny_task, tiny_model, tmp_path):
+    summary = train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--max_steps", 12,
+                               "--eval_interval", 6, "--seeds", "1,2,3"))
+    assert sorted(summary["seeds"]) == [1, 2, 3]
+    for seed in (1, 2, 3):
+        assert (tmp_path / "out" / f"seed{seed}" / "adapter.pt").exists()
+    accuracies = [summary["seeds"][s]["test"]["acc"] for s in (1, 2, 3)]
+    assert summary["test_median"]["acc"] == statistics.median(accuracies)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["test_median"] == summary["test_median"]
+    adapters = [adapter_tensors(tmp_path / "out" / f"seed{s}" / "adapter.pt", tiny_model) for s in (1, 2)]
+    assert any(not torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])  # seeds differ
+
+# -----------------------------------------------------------------------------
+# several processes, and the command line
+
+
+def test_two_gloo_processes_train_the_adapter_of_one_process_with_the_same_global_batch(tiny_model, tmp_path):
+    # 20 examples in batches of 8: the last batch of each epoch has 4, two per process
+    records = task_records(20, 0)
+    task = write_task(tmp_path / "task", {"train": records, "dev": task_records(6, 1), "test": task_records(4, 2)})
+    common = ("--batch_size", 8, "--micro_batch_size", 2, "--epochs", 2, "--eval_interval", 3, "--device", "cpu")
+    # torchrun's own parser would take --r for an abbreviation of its --rdzv..., --role, ... options
+    two_processes = [{"--r": "--adapter_rank"}.get(f, f) for f in flags(task, tiny_model, tmp_path / "two", "para", *common)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *two_processes],
+                         cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = train.main(flags(task, tiny_model, tmp_path / "one", "para", *common))
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 6
+    a, b = (adapter_tensors(tmp_path / d / "adapter.pt", tiny_model) for d in ("two", "one"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    dev_two, dev_one = ([r["dev_loss"] for r in read_log(tmp_path / d / "log.jsonl") if "dev_loss" in r]
+                        for d in ("two", "one"))
+    assert dev_two == pytest.approx(dev_one, rel=1e-5)
+
+
+def test_the_command_line_writes_the_adapter_log_and_results_on_a_tiny_model(tiny_task, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "train.py", *flags(tiny_task, tiny_model, out, "para", "--max_steps", 2,
+                                                             "--num_beams", 3, "--limit_eval", 4)],
+                         cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    n_params = sum(t.numel() for t in adapter_tensors(out / "adapter.pt", tiny_model).values())
+    assert f"{n_params:,} trainable parameters" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_parameters"] == n_params and results["num_beams"] == 3
+    for key in ("dev", "test", "wall_time_s", "train_tokens_per_s", "peak_memory_bytes", "peak_memory_kind"):
+        assert results[key] is not None, key
+    log = read_log(out / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 2] and {"loss", "lr"} <= log[0].keys() and "dev_loss" in log[2]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.skipif(not (ASSETS / "copa" / "train.jsonl").exists(), reason="shared COPA files not present")
+def test_the_command_line_trains_para_on_copa_with_the_small_default_model(tmp_path):
+    from data.copa.prepare import prepare
+    from model import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    task = prepare(src=ASSETS / "copa", out=tmp_path / "copa")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "train.py", "--task", str(task), "--r", "12", "--max_steps", "2",
+                          "--batch_size", "2", "--limit_eval", "3", "--out_dir", str(out)],
+                         cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    adapter = para.read_adapter_file(str(out / "adapter.pt"))
+    assert adapter["config"] == {"method": "para", "r": 12}
+    assert results["trainable_parameters"] == sum(t.numel() for t in adapter["tensors"].values()) > 0
+    assert set(results["test"]) == {"acc"} and results["steps"] == 2 and results["num_beams"] == 3
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
