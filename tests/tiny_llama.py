@@ -54,7 +54,8 @@ def meta_to_hf_state_dict(sd, n_heads, n_kv_heads):
     """Meta names and RoPE layout -> LlamaForCausalLM names and layout."""
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
     out = {}
     for key, w in sd.items():
         if key.startswith("layers."):
@@ -112,7 +113,7 @@ META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo"
 
 
 def write_meta_checkpoint(folder, params, sd, tokenizer_model, n_shards=1):
-    """params.json + consolidated.NN.pth (split as Meta splits them, norms and rope.freqs in every shard) + tokenizer.model."""
+    """params.json + consolidated.NN.pth (split as Meta splits them; norms and rope.freqs in each) + tokenizer.model."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(params))
     head_dim = params["dim"] // params["n_heads"]
