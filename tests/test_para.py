@@ -2,13 +2,11 @@
 
 Tiny random Llamas on CPU in fp32. "Non-trivial" adapters have random weights, so that a wrong position,
 row or order would change the outputs."""
-import copy
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+import generate
 import para
 from generate import KVCache
 from model import ModelArgs, Transformer
@@ -16,16 +14,16 @@ from model import ModelArgs, Transformer
 METHODS = ["para", "ia3", "lora"]
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64)
 R = 4
+MAX_NEW = 8
 PROMPTS = [[5, 9, 2, 7, 1, 3], [3, 8], [11, 4, 6, 60]]  # unequal lengths: batches are left-padded
 
 
 def base_model(seed=0, args=ARGS):
     torch.manual_seed(seed)
     model = Transformer(args)
-    with torch.no_grad():
+    with torch.no_grad():  # O(1) activations, well separated logits; random norms, so that a wrong norm shows
         for p in model.parameters():
-            if p.ndim == 1:  # random norms too, so that applying the wrong norm shows
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 2 * torch.randn_like(p) / p.shape[1] ** 0.5)
     return model.eval()
 
 
@@ -35,7 +33,7 @@ def randomise_adapter(model, seed):
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if para.is_adapter_param(name):
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def adapted(method, seed=1, n_adapters=1, model=None):
@@ -51,21 +49,25 @@ def count_vector_generator_calls(model):
     return calls
 
 
-@torch.no_grad()
-def greedy_cached(model, prompts, max_new_tokens, adapter_ids=None):
-    """Greedy decoding of a left-padded batch with a KV cache: one prefill, then one token per step."""
-    B, P = len(prompts), max(map(len, prompts))
-    pad_len = torch.tensor([P - len(p) for p in prompts])
-    tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    cache = KVCache(ARGS.n_layers, B, P + max_new_tokens, ARGS.n_kv_heads, ARGS.head_dim)
-    para.set_rows(model, adapter_ids)
-    logits = model(tokens, 0, pad_len, cache, last_only=True)  # (B, 1, V)
-    out, steps = [], []
-    for t in range(max_new_tokens):
-        steps.append(logits[:, -1])
-        out.append(logits[:, -1].argmax(-1))
-        logits = model(out[-1][:, None], P + t, pad_len, cache)
-    return torch.stack(out, 1).tolist(), torch.stack(steps, 1)  # tokens (B, N), logits (B, N, V)
+class NoText:
+    """What generate() reads from a tokenizer: the tiny models have ids but no text."""
+    pad_id, eos_id = 0, -1
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def generated(model, prompts, num_beams=1, adapter_ids=None, eos_id=-1):
+    """generate.generate's new tokens of each prompt (greedy, or beam search)."""
+    out = generate.generate(model, NoText(), prompts, MAX_NEW, num_beams=num_beams, adapter_ids=adapter_ids,
+                            eos_id=eos_id)
+    return [g.tokens for g in out]
+
+
+def early_eos(model, prompts):
+    """A token greedy decoding produces at step 3 of the first prompt: as EOS it ends some rows before others,
+    so that finished rows leave the batch (para.reorder_rows with fewer rows)."""
+    return generated(model, prompts[:1])[0][3]
 
 
 @torch.no_grad()
@@ -102,6 +104,19 @@ def test_fresh_adapter_leaves_logits_bit_identical(method):
         assert torch.equal(model(tokens), expected)  # 0 ULP: the vectors are exactly 1 (PARA, (IA)^3), B = 0 (LoRA)
 
 
+def test_fresh_para_leaves_smollm2_logits_bit_identical(smollm):
+    model, tokenizer = smollm
+    tokens = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.device("meta"):  # the fixture is shared: adapt a second model over the same weight tensors
+        twin = Transformer(model.args)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.rope_cos, twin.rope_sin = model.rope_cos, model.rope_sin
+    para.add_adapter(twin.eval(), "para", r=12)
+    with torch.no_grad():
+        para.set_rows(twin)
+        assert torch.equal(twin(tokens), model(tokens))
+
+
 def test_vector_generator_weights_are_initialised_as_the_paper_says():
     torch.manual_seed(0)
     big = ModelArgs(dim=256, n_layers=1, n_heads=4, vocab_size=8, multiple_of=16)
@@ -134,54 +149,65 @@ def test_fp32_adapter_over_a_bf16_model_is_exact_at_init_and_keeps_bf16_activati
 # generation: the vectors come from the prompt once and are reused by every decode step
 
 
-def test_cached_para_decoding_equals_full_recompute():
+def test_cached_para_decoding_gives_the_logits_of_recomputing_the_whole_sequence():
     model = adapted("para")
-    for prompt in PROMPTS:
-        tokens, logits = greedy_cached(model, [prompt], 6)
-        ref_tokens, ref_logits = greedy_recompute(model, prompt, 6)
-        assert tokens[0] == ref_tokens
-        torch.testing.assert_close(logits[0], ref_logits)
+    tokens, pad_len = generate.left_pad(PROMPTS, 0, "cpu")
+    P = tokens.shape[1]
+    cache = KVCache(ARGS.n_layers, len(PROMPTS), P + MAX_NEW, ARGS.n_kv_heads, ARGS.head_dim)
+    with torch.no_grad():
+        para.set_rows(model)  # generation: every prompt ends at the last column
+        logits = [generate.prefill(model, tokens, pad_len, cache)]  # (B, V) each
+        for t in range(MAX_NEW - 1):
+            logits.append(generate.decode_step(model, logits[-1].argmax(-1), P + t, pad_len, cache))
+    logits = torch.stack(logits, 1)  # (B, N, V)
+    for i, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_logits = greedy_recompute(model, prompt, MAX_NEW)
+        torch.testing.assert_close(logits[i], ref_logits)
+        assert generated(model, [prompt]) == [ref_tokens]
 
 
-def test_vector_generator_runs_once_per_layer_per_generation():
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_vector_generator_runs_once_per_layer_per_generation(num_beams):
     model = adapted("para")
+    eos = early_eos(model, PROMPTS)
     calls = count_vector_generator_calls(model)
-    greedy_cached(model, PROMPTS, 5)
+    out = generated(model, PROMPTS, num_beams, eos_id=eos)
+    assert min(map(len, out)) < MAX_NEW  # some rows left the batch early
     assert len(calls) == ARGS.n_layers  # at prefill only: decode steps reuse the vectors
 
 
 def test_decode_step_without_a_prompt_is_refused():
     model = adapted("para")
-    greedy_cached(model, PROMPTS[:1], 2)
+    generated(model, PROMPTS[:1])
     para.set_rows(model)  # a new batch: the vectors of the earlier batch are dropped
     cache = KVCache(ARGS.n_layers, 1, 8, ARGS.n_kv_heads, ARGS.head_dim)
     with pytest.raises(RuntimeError, match="run the prompt"):
         model(torch.tensor([[4]]), 3, None, cache)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("method", METHODS)
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(method):
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(method, num_beams):
     model = adapted(method)
-    batch, _ = greedy_cached(model, PROMPTS, 6)
-    assert batch == [greedy_cached(model, [p], 6)[0][0] for p in PROMPTS]
+    eos = early_eos(model, PROMPTS)
+    alone = [generated(model, [p], num_beams, eos_id=eos)[0] for p in PROMPTS]
+    assert len({len(t) for t in alone}) > 1  # rows finish at different steps
+    assert generated(model, PROMPTS, num_beams, eos_id=eos) == alone
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("method", METHODS)
-def test_multi_tenant_batch_gives_each_row_what_its_adapter_gives_alone(method, tmp_path):
+def test_multi_tenant_batch_gives_each_row_what_its_adapter_gives_alone(method, num_beams, tmp_path):
     paths = []
     for seed in range(3):  # three tenants, three different adapters of one method
         paths.append(tmp_path / f"{seed}.pt")
         para.save_adapter(adapted(method, seed=seed), paths[-1])
-    alone = []
-    for i, prompt in enumerate(PROMPTS):
-        alone += greedy_cached(para.load_adapter(base_model(), [paths[i]]), [prompt], 6)[0]
-    assert len({tuple(t) for t in alone}) > 1  # the tenants really differ
+    alone = [generated(para.load_adapter(base_model(), [paths[i]]), [p], num_beams)[0] for i, p in enumerate(PROMPTS)]
+    assert generated(base_model(), PROMPTS, num_beams) != alone  # the tenants' adapters matter
     bank = para.load_adapter(base_model(), paths)
-    assert greedy_cached(bank, PROMPTS, 6, adapter_ids=torch.tensor([0, 1, 2]))[0] == alone
-    # and the same adapters in another order of rows
-    order = [2, 0, 1]
-    tokens, _ = greedy_cached(bank, [PROMPTS[i] for i in order], 6, adapter_ids=torch.tensor(order))
-    assert tokens == [alone[i] for i in order]
+    assert generated(bank, PROMPTS, num_beams, adapter_ids=torch.tensor([0, 1, 2])) == alone
+    order = [2, 0, 0, 1]  # other rows, one adapter twice
+    assert generated(bank, [PROMPTS[i] for i in order], num_beams, adapter_ids=torch.tensor(order)) == [alone[i] for i in order]
 
 
 # -----------------------------------------------------------------------------
@@ -279,20 +305,20 @@ def hf_twin(model):
     return hf
 
 
-def test_para_equals_hf_llama_with_the_papers_equations_as_hooks():
-    model = adapted("para")
-    hf, a = hf_twin(model), model.args
-    tokens = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
-    prompt_len = torch.tensor([5, 3])  # prompt + target, as in training
-    rows = torch.arange(2)
-    vectors = {}
+def add_para_hooks(hf, model, prompt_len=None):
+    """PARA's equations on HF's LlamaForCausalLM as hooks, with our VG's weights. A layer computes its vectors at its
+    first call after vectors.clear() (the prompt), from the state at prompt_len-1 (None: the last position), and
+    reuses them in later calls (decode steps). Returns the dict of vectors."""
+    a, vectors = model.args, {}
 
     def vector_generator(i):  # Eq. 6 on HF's hidden state of the last prompt token, normed by input_layernorm
         def hook(layer, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            if i in vectors:
+                return
+            x = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            last = x[:, -1] if prompt_len is None else x[torch.arange(x.shape[0]), prompt_len - 1]
             vg = model.layers[i].vector_generator
-            h = layer.input_layernorm(x[rows, prompt_len - 1])  # (B, D)
-            l = F.gelu(h @ vg.down[0]) @ vg.up[0] + vg.bias[0]  # (B, d_q + d_kv + d_ffn)
+            l = F.gelu(layer.input_layernorm(last) @ vg.down[0]) @ vg.up[0] + vg.bias[0]  # (B, d_q + d_kv + d_ffn)
             l_q, l_v, l_u = l.split([a.dim, a.n_kv_heads * a.head_dim, a.hidden_dim], dim=-1)
             vectors[i] = (meta_to_hf_rows(l_q.T, a.n_heads).T, l_v, l_u)  # l_q in HF's RoPE layout, like wq
         return hook
@@ -305,6 +331,15 @@ def test_para_equals_hf_llama_with_the_papers_equations_as_hooks():
         layer.self_attn.q_proj.register_forward_hook(scale(i, 0))
         layer.self_attn.v_proj.register_forward_hook(scale(i, 1))
         layer.mlp.up_proj.register_forward_hook(scale(i, 2))
+    return vectors
+
+
+def test_para_equals_hf_llama_with_the_papers_equations_as_hooks():
+    model = adapted("para")
+    tokens = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
+    prompt_len = torch.tensor([5, 3])  # prompt + target, as in training
+    hf = hf_twin(model)
+    add_para_hooks(hf, model, prompt_len)
     with torch.no_grad():
         para.set_rows(model, prompt_len=prompt_len)
         ours, theirs = model(tokens), hf(tokens).logits
@@ -312,6 +347,21 @@ def test_para_equals_hf_llama_with_the_papers_equations_as_hooks():
     assert (ours - plain).abs().max() > 0.1  # the adapter really changes the outputs
     torch.testing.assert_close(ours, theirs)
     print(f"PARA vs HF + hooks: max abs logit difference {(ours - theirs).abs().max().item():.2e}")
+
+
+def test_para_beam_search_equals_hf_beam_search_with_the_papers_equations_as_hooks():
+    model = adapted("para")
+    hf = hf_twin(model)
+    vectors = add_para_hooks(hf, model)
+    eos = early_eos(model, PROMPTS)
+    for prompt in PROMPTS:
+        vectors.clear()
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, num_beams=3, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        theirs = out[0, len(prompt):].tolist()
+        theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs  # after EOS, HF pads
+        assert generated(model, [prompt], num_beams=3, eos_id=eos) == [theirs]
 
 
 # -----------------------------------------------------------------------------
