@@ -49,9 +49,10 @@ class VectorGenerator(nn.Module):
 
     def forward(self, h, adapter_ids=None):
         """h: (B, D) pooled, normed prompt state -> l_q (B, 1, d_q), l_v (B, 1, d_kv), l_u (B, 1, d_ffn) in h's dtype."""
-        down, up, bias = self.down, self.up, self.bias  # (A, D, r), (A, r, d_out), (A, d_out)
-        if adapter_ids is not None:  # multi-tenant: row i gathers the weights of adapter adapter_ids[i]
-            down, up, bias = down[adapter_ids], up[adapter_ids], bias[adapter_ids]  # (B, D, r), (B, r, d_out), (B, d_out)
+        if adapter_ids is None:  # every row uses adapter 0: (1, D, r), (1, r, d_out), (1, d_out), broadcast over rows
+            down, up, bias = self.down[:1], self.up[:1], self.bias[:1]
+        else:  # multi-tenant: row i gathers the weights of adapter adapter_ids[i]: (B, D, r), (B, r, d_out), (B, d_out)
+            down, up, bias = self.down[adapter_ids], self.up[adapter_ids], self.bias[adapter_ids]
         pooled = h[:, None].to(down.dtype)  # (B, 1, D); the adapter may be kept in fp32 over a bf16 model (train.py does)
         l = F.gelu(pooled @ down) @ up + bias[:, None]  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up  (B, 1, d_out)
         return l.to(h.dtype).split(self.split_sizes, dim=-1)  # l_q, l_v, l_u = Split(l)  <- where the vectors are born
@@ -192,14 +193,17 @@ def count_parameters(args: ModelArgs, method: str = "para", r: int = 12, **metho
 # Adapter files: one adapter's tensors (no bank dimension), its config and the base model it was trained on
 
 
+def base_shape(args: ModelArgs) -> dict:
+    return {f: getattr(args, f) for f in BASE_FIELDS}
+
+
 def save_adapter(model: Transformer, path: str, base: Optional[str] = None, index: int = 0):
     """Write adapter `index` of the bank to `path` atomically; `base` names the base model (a name, not a path)."""
     tensors = {k: v[index].detach().cpu().clone() for k, v in adapter_state_dict(model).items()}  # clone: no whole bank
     payload = {
         "format": FILE_FORMAT,
         "config": model.adapter_config,
-        "base": {"name": base and os.path.basename(os.path.normpath(base)),
-                 **{f: getattr(model.args, f) for f in BASE_FIELDS}},
+        "base": {"name": base and os.path.basename(os.path.normpath(base)), **base_shape(model.args)},
         "shapes": {k: list(t.shape) for k, t in tensors.items()},
         "tensors": tensors,
     }
@@ -220,8 +224,10 @@ def read_adapter_file(path: str) -> dict:
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path!r} is not a readable adapter file (truncated or corrupt?): {reason}") from None
-    ok = isinstance(payload, dict) and payload.get("format") == FILE_FORMAT and isinstance(payload.get("tensors"), dict)
-    if not ok or any(list(t.shape) != payload["shapes"].get(k) for k, t in payload["tensors"].items()):
+    ok = (isinstance(payload, dict) and payload.get("format") == FILE_FORMAT
+          and all(isinstance(payload.get(k), dict) for k in ("config", "base", "shapes", "tensors"))
+          and {k: list(t.shape) for k, t in payload["tensors"].items()} == payload["shapes"])
+    if not ok:
         raise ValueError(f"{path!r} is not a {FILE_FORMAT} adapter file, or its tensors don't match its header")
     return payload
 
@@ -231,9 +237,9 @@ def load_adapter(model: Transformer, paths, base: Optional[str] = None):
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = [read_adapter_file(p) for p in paths]
     config = files[0]["config"]
-    ours = {f: getattr(model.args, f) for f in BASE_FIELDS}
+    ours = base_shape(model.args)
     for p, f in zip(paths, files):
-        if f["config"] != config:
+        if f["config"] != config or f["shapes"] != files[0]["shapes"]:
             raise ValueError(f"{p!r} is a {f['config']} adapter but {paths[0]!r} is {config}: "
                              "a bank needs one method and one config")
         theirs = {k: f["base"].get(k) for k in BASE_FIELDS}

@@ -210,6 +210,25 @@ def test_multi_tenant_batch_gives_each_row_what_its_adapter_gives_alone(method, 
     assert generated(bank, [PROMPTS[i] for i in order], num_beams, adapter_ids=torch.tensor(order)) == [alone[i] for i in order]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_without_adapter_ids_use_the_first_adapter_of_a_bank(method, tmp_path):
+    for seed in range(3):
+        para.save_adapter(adapted(method, seed=seed), tmp_path / f"{seed}.pt")
+    bank = para.load_adapter(base_model(), [tmp_path / f"{seed}.pt" for seed in range(3)])
+    first = para.load_adapter(base_model(), [tmp_path / "0.pt"])
+    tokens = torch.tensor([[5, 9, 2, 7], [3, 8, 4, 4], [1, 2, 3, 4]])
+    with torch.no_grad():
+        for m in (bank, first):
+            para.set_rows(m)
+        torch.testing.assert_close(bank(tokens), first(tokens))
+
+
+def test_adapter_ids_outside_the_bank_are_refused():
+    model = para.add_adapter(base_model(), "para", r=R, n_adapters=2)
+    with pytest.raises(IndexError, match=r"\[0, 2\)"):
+        para.set_rows(model, adapter_ids=torch.tensor([0, 2]))
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -419,6 +438,24 @@ def test_adapter_file_holds_only_adapter_tensors_and_its_config(tmp_path):
     assert payload["config"] == {"method": "lora", "r": R, "alpha": 8, "targets": ["wq", "wv"]}
     assert payload["base"]["name"] == "tiny-llama" and payload["base"]["dim"] == ARGS.dim  # a name, not a path
     assert payload["shapes"]["layers.0.attention.wq.lora_A"] == [R, ARGS.dim]  # no bank dimension in a file
+
+
+def test_loading_into_a_model_with_a_matching_adapter_refills_it(tmp_path):
+    model = adapted("para")
+    para.save_adapter(model, tmp_path / "a.pt")
+    target = para.add_adapter(base_model(), "para", r=R)  # e.g. a training run reloading its best checkpoint
+    para.load_adapter(target, [tmp_path / "a.pt"])
+    tokens = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    with torch.no_grad():
+        for m in (model, target):
+            para.set_rows(m)
+        assert torch.equal(target(tokens), model(tokens))
+
+
+def test_loading_into_a_model_with_another_adapter_is_refused(tmp_path):
+    para.save_adapter(adapted("para"), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="already holds"):
+        para.load_adapter(para.add_adapter(base_model(), "lora", r=R), [tmp_path / "a.pt"])
 
 
 @pytest.mark.parametrize("other", [dict(dim=48), dict(n_layers=3), dict(n_kv_heads=4), dict(vocab_size=65)])
