@@ -29,15 +29,17 @@ def base_model(seed=0, args=ARGS):
 
 @torch.no_grad()
 def randomise_adapter(model, seed):
-    """Move every adapter tensor away from its initial value (for PARA: vectors far from 1, different per prompt)."""
+    """Move every adapter tensor away from its initial value (PARA's vectors then lie around 1 ± 0.4 and differ
+    from prompt to prompt)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if para.is_adapter_param(name):
             p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def adapted(method, seed=1, n_adapters=1, model=None):
-    model = para.add_adapter(model or base_model(), method, r=R, n_adapters=n_adapters)
+def adapted(method, seed=1):
+    """The base model with one non-trivial adapter."""
+    model = para.add_adapter(base_model(), method, r=R)
     randomise_adapter(model, seed)
     return model
 
@@ -88,7 +90,7 @@ def greedy_recompute(model, prompt, max_new_tokens):
 def test_fresh_vector_generator_outputs_exactly_one():
     model = para.add_adapter(base_model(), "para", r=R)
     h = torch.randn(3, ARGS.dim)
-    for l, size in zip(model.layers[0].vector_generator(h), (32, 16, ARGS.hidden_dim)):  # d_q, d_kv = 2*8, d_ffn
+    for l, size in zip(model.layers[0].vector_generator(h), (32, 16, ARGS.hidden_dim)):  # d_q = 4 * 8, d_kv = 2 * 8
         assert l.shape == (3, 1, size)
         assert torch.equal(l, torch.ones_like(l))
 
