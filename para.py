@@ -48,12 +48,12 @@ class VectorGenerator(nn.Module):
         self.bias = nn.Parameter(torch.ones(A, d_out, device=device, dtype=dtype))
 
     def forward(self, h, adapter_ids=None):
-        """h: (B, D) pooled, normed prompt state -> l_q (B, 1, d_q), l_v (B, 1, d_kv), l_u (B, 1, d_ffn) in h's dtype."""
+        """h: (B, D) pooled, normed prompt state -> l_q (B, 1, d_q), l_v (B, 1, d_kv), l_u (B, 1, d_ffn), h's dtype."""
         if adapter_ids is None:  # every row uses adapter 0: (1, D, r), (1, r, d_out), (1, d_out), broadcast over rows
             down, up, bias = self.down[:1], self.up[:1], self.bias[:1]
         else:  # multi-tenant: row i gathers the weights of adapter adapter_ids[i]: (B, D, r), (B, r, d_out), (B, d_out)
             down, up, bias = self.down[adapter_ids], self.up[adapter_ids], self.bias[adapter_ids]
-        pooled = h[:, None].to(down.dtype)  # (B, 1, D); the adapter may be kept in fp32 over a bf16 model (train.py does)
+        pooled = h[:, None].to(down.dtype)  # (B, 1, D); the adapter may be fp32 over a bf16 model (train.py)
         l = F.gelu(pooled @ down) @ up + bias[:, None]  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up  (B, 1, d_out)
         return l.to(h.dtype).split(self.split_sizes, dim=-1)  # l_q, l_v, l_u = Split(l)  <- where the vectors are born
 
@@ -83,8 +83,8 @@ class PARABlock(TransformerBlock):
     """model.py's TransformerBlock plus a vector generator; wq, wv and w3 become ScaledLinear."""
 
     def __init__(self, block: TransformerBlock, args: ModelArgs, r: int, n_adapters: int):
-        nn.Module.__init__(self)
-        for name, child in block.named_children():  # adopt the loaded block's modules, no fresh weights
+        nn.Module.__init__(self)  # not TransformerBlock.__init__, which would allocate fresh weights:
+        for name, child in block.named_children():  # adopt the loaded block's modules instead
             self.add_module(name, child)
         w = block.attention.wq.weight
         self.vector_generator = VectorGenerator(args, r, n_adapters, device=w.device, dtype=w.dtype)
@@ -95,9 +95,9 @@ class PARABlock(TransformerBlock):
 
     def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
         if start_pos == 0:  # x holds the prompt (training, prefill); a decode step (start_pos > 0) skips the VG
-            B = x.shape[0]
             # Pooler(h): the last prompt token, at this layer's input (left-padded prompts all end at -1)
-            last = x[:, -1] if self.prompt_len is None else x[torch.arange(B, device=x.device), self.prompt_len - 1]  # (B, D)
+            rows = torch.arange(x.shape[0], device=x.device)
+            last = x[:, -1] if self.prompt_len is None else x[rows, self.prompt_len - 1]  # (B, D)
             # the VG sees the state as the attention sublayer does, normed: same input scale at every depth
             l_q, l_v, l_u = self.vector_generator(self.attention_norm(last), self.adapter_ids)  # Eq. 3
             self.attention.wq.l, self.attention.wv.l, self.feed_forward.w3.l = l_q, l_v, l_u

@@ -15,7 +15,8 @@ TOKENS = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
 def test_ia3_vectors_start_at_one_on_k_v_and_the_ffn_intermediate():
     block = para.add_adapter(base_model(), "ia3").layers[0]
     d_kv = ARGS.n_kv_heads * ARGS.head_dim
-    for module, size in ((block.attention.wk, d_kv), (block.attention.wv, d_kv), (block.feed_forward.w2, ARGS.hidden_dim)):
+    ffn = block.feed_forward
+    for module, size in ((block.attention.wk, d_kv), (block.attention.wv, d_kv), (ffn.w2, ARGS.hidden_dim)):
         assert torch.equal(module.ia3_vector, torch.ones(1, size))
     assert not isinstance(block.attention.wq, baselines.IA3) and not isinstance(block.feed_forward.w3, baselines.IA3)
 
@@ -80,7 +81,8 @@ def test_merging_a_bank_of_lora_adapters_is_refused():
 
 def test_lora_targets_other_matrices_when_asked():
     block = para.add_adapter(base_model(), "lora", r=R, targets=("wk", "w2")).layers[0]
-    assert isinstance(block.attention.wk, baselines.LoRALinear) and isinstance(block.feed_forward.w2, baselines.LoRALinear)
+    assert isinstance(block.attention.wk, baselines.LoRALinear)
+    assert isinstance(block.feed_forward.w2, baselines.LoRALinear)
     assert not isinstance(block.attention.wq, baselines.LoRALinear)
     with pytest.raises(ValueError, match="unknown LoRA target"):
         para.add_adapter(base_model(), "lora", r=R, targets=("q_proj",))

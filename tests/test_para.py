@@ -209,7 +209,8 @@ def test_multi_tenant_batch_gives_each_row_what_its_adapter_gives_alone(method, 
     bank = para.load_adapter(base_model(), paths)
     assert generated(bank, PROMPTS, num_beams, adapter_ids=torch.tensor([0, 1, 2])) == alone
     order = [2, 0, 0, 1]  # other rows, one adapter twice
-    assert generated(bank, [PROMPTS[i] for i in order], num_beams, adapter_ids=torch.tensor(order)) == [alone[i] for i in order]
+    shuffled = generated(bank, [PROMPTS[i] for i in order], num_beams, adapter_ids=torch.tensor(order))
+    assert shuffled == [alone[i] for i in order]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -309,7 +310,8 @@ def hf_twin(model):
         rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len, tie_word_embeddings=False)).eval()
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
     sd = {}
     for k, w in model.state_dict().items():
         if para.is_adapter_param(k):
