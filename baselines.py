@@ -8,7 +8,9 @@ LoRA (Hu et al. 2021): W x + (alpha/r) B A x on wq and wv by default; A ~ kaimin
     Kept unmerged, as in multi-tenant serving, so the low-rank product runs at every decode step (the
     cost the paper's Table 4 measures); merge_lora folds a single adapter into W.
 
-Every adapter tensor has a leading bank dimension A: row i of a batch uses adapter adapter_ids[i].
+Every adapter tensor has a leading bank dimension A: row i of a batch uses adapter adapter_ids[i]. A multi-tenant
+batch gathers each row's vectors or A/B matrices in every forward (tiny next to the base matmul, and nothing to
+go stale under autograd); a bank of one uses its tensors directly.
 """
 import math
 
