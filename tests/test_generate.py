@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import generate
-from generate import KVCache, Generation, decode_step, prefill
+import para
+from generate import KVCache, Generation, Printer, decode_step, prefill
 from model import load
 
 VOCAB = 96  # "<unk>", "<s>", "</s>" and 93 words
@@ -227,6 +228,68 @@ def test_result_reports_its_speed(tiny):
 
 
 # -----------------------------------------------------------------------------
+# Adapters (multi-tenant serving): one base model, an adapter per row
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tiny_dir, tmp_path_factory):
+    """Two PARA adapter files for the tiny model, with random weights (a fresh adapter would change nothing)."""
+    model, _ = load(str(tiny_dir))
+    para.add_adapter(model, "para", r=4, n_adapters=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if para.is_adapter_param(name):
+                p.copy_(torch.randn_like(p) * 0.5 + (1 if name.endswith("bias") else 0))
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = [str(folder / "a.pt"), str(folder / "b.pt")]
+    for i, path in enumerate(paths):
+        para.save_adapter(model, path, index=i)
+    return paths
+
+
+def with_adapters(tiny_dir, paths):
+    model, tokenizer = load(str(tiny_dir))
+    para.load_adapter(model, paths)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_rows_with_different_adapters_generate_what_each_adapter_generates_alone(tiny_dir, adapter_paths, num_beams):
+    prompts, adapter_ids = random_prompts([5, 9, 3, 7], seed=10), [0, 1, 1, 0]
+    bank, tokenizer = with_adapters(tiny_dir, adapter_paths)
+    eos = likely_eos(bank, tokenizer, prompts)
+    batch = [g.tokens for g in generate.generate(bank, tokenizer, prompts, MAX_NEW, num_beams=num_beams,
+                                                 adapter_ids=adapter_ids, eos_id=eos)]
+    singles = [with_adapters(tiny_dir, [path])[0] for path in adapter_paths]
+    alone = [generate.generate(singles[a], tokenizer, [p], MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
+             for p, a in zip(prompts, adapter_ids)]
+    assert batch == alone
+    base, _ = load(str(tiny_dir))
+    plain = [g.tokens for g in generate.generate(base, tokenizer, prompts, MAX_NEW, num_beams=num_beams, eos_id=eos)]
+    assert batch != plain, "the adapters changed nothing: the test would not see a row getting the wrong one"
+
+
+def test_cli_serves_each_prompts_file_line_with_its_own_adapter(tiny_dir, adapter_paths, tmp_path, capsys):
+    lines = [("w5 w6 w7", adapter_paths[1]), ("w9 w10 w11 w12", adapter_paths[0]), ("w20", adapter_paths[1])]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "adapter": a}) + "\n" for p, a in lines))
+    code, out, _ = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(path), "--max_new_tokens", "6",
+                            "--json"], capsys)
+    assert code == 0
+    singles = {a: with_adapters(tiny_dir, [a]) for a in adapter_paths}
+    expected = [generate.generate(*singles[a], [singles[a][1].encode(p)], 6)[0].tokens for p, a in lines]
+    assert [json.loads(line)["tokens"] for line in out.splitlines()] == expected
+
+
+def test_cli_refuses_prompts_with_and_without_adapters_mixed(tiny_dir, adapter_paths, tmp_path, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "w5", "adapter": adapter_paths[0]}) + "\nw6 w7\n")
+    code, _, err = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(path)], capsys)
+    assert code == 2 and "--adapter" in err
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -283,3 +346,19 @@ def test_cli_json_on_the_small_default_model(smollm, capsys):
     assert 1 <= len(line["tokens"]) <= 3 and line["completion"] == tokenizer.decode(line["tokens"])
     assert line["tokens_per_s"] > 0
     assert "tokens/s" in err and "peak RSS of the process" in err
+
+
+def test_streamed_text_is_the_completion_with_whole_characters_and_no_stop_string(smollm, capsys):
+    _, tokenizer = smollm
+    text = "Un café, 日本語 et un lama 🦙. STOP here"
+    tokens = tokenizer.encode(text)
+    assert len(tokens) > len(text.split()), "no character split over several tokens: nothing to check"
+    printer = Printer(tokenizer, stop=["STOP"])
+    pieces = []
+    for token in tokens:
+        printer(0, token)
+        pieces.append(capsys.readouterr().out)
+    printer.finish(generate.cut_at_stop(tokenizer.decode(tokens), ["STOP"]))
+    pieces.append(capsys.readouterr().out)
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == "Un café, 日本語 et un lama 🦙. \n"
