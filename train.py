@@ -225,6 +225,9 @@ def run_seeds(args, device, rank, world):
     if not args.seeds:
         return train_and_evaluate(args, args.seed, folder, out_dir, rank, world, device)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if (out_dir / "results.json").exists() and not (args.resume or args.overwrite):
+        raise RunError(f"{out_dir} holds a finished run (results.json): pass --resume to complete it, --overwrite "
+                       "to replace it, or choose another --out_dir")
     results = {seed: train_and_evaluate(args, seed, folder, out_dir / f"seed{seed}", rank, world, device)
                for seed in seeds}
     summary = {"seeds": results}

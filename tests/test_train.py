@@ -213,6 +213,17 @@ def test_gradient_accumulation_gives_the_adapter_of_whole_batches(tiny_task, tin
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
 
+def test_bf16_autocast_with_activation_checkpointing_trains_an_fp32_adapter(tiny_task, tiny_model, tmp_path):
+    # the 7B recipe on one GPU, run on CPU: base weights in bf16, the adapter and AdamW's moments in fp32
+    results = train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--dtype", "bf16",
+                               "--grad_checkpointing", "--max_steps", 12, "--limit_eval", 4))
+    assert results["dtype"] == "bfloat16"
+    last = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in last["adapter"].values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in last["optimizer"]["state"].values())
+    losses = [r["loss"] for r in read_log(tmp_path / "out" / "log.jsonl") if "loss" in r]
+    assert losses[-1] < losses[0]
+
 # -----------------------------------------------------------------------------
 # resume
 
