@@ -151,8 +151,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens=256, tem
 
     temperature 0 is greedy decoding; above 0 it samples, with top_k / top_p truncation and a seed.
     num_beams > 1 is beam search (greedy only), with HF's length_penalty and early_stopping (True, False, "never").
-    A row stops at EOS (eos_id, default: the tokenizer's), at max_new_tokens, or at a stop string: its tokens
-    then include those of the stop string, its text is cut before it.
+    A row stops at EOS (eos_id, default: the tokenizer's; -1: never), at max_new_tokens, or at a stop string:
+    its tokens then include those of the stop string, its text is cut before it.
     adapter_ids (B,) pick each row's adapter from the bank of para.load_adapter (None: adapter 0, if any).
     stream(i, token) is called with every new token of prompt i as soon as it is chosen (not with beam search).
     """

@@ -142,7 +142,7 @@ def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
     args = model.args
     rows = torch.tensor(random_prompts([7, 7, 7], seed=4))  # (3, 7)
     cache = KVCache(args.n_layers, 4, 8, args.n_kv_heads, args.head_dim)
-    index = torch.tensor([2, 0, 2, 1])  # a row twice, one dropped... and more rows than before
+    index = torch.tensor([2, 0, 2, 1])  # permuted, a row repeated, and more rows than before (3 -> 4)
     with torch.inference_mode():
         model(rows, cache=cache)
         cache.reorder(index)
