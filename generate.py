@@ -403,6 +403,10 @@ def main(argv=None):
     # -- the model, and its adapters (multi-tenant: a bank of distinct files, one id per prompt)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without CUDA
+        parser.error(f"device {args.device!r} is not usable here: {str(e).splitlines()[0]}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     from model import load
 
