@@ -1,32 +1,58 @@
 """
-Generation speed: generate.py against HF Transformers' generate on the same weights, in the same process.
+Generation speed and memory: the paper's Table 4, multi-tenant serving, and generate.py against HF Transformers.
 
-    python bench.py                  # SmolLM2-135M, CPU, fp32, 2 threads, prompt 274 tokens, 32 new tokens
-    python bench.py --repeats 7 --json
+    python bench.py                                    # SmolLM2-135M on the CPU, fp32, 2 threads, 5 runs
+    python bench.py --sections table4 --runs 9 --json  # one JSON object with every row
+    python bench.py --model path/to/llama-2-7b --device cuda   # the paper's setting: bf16, 100 runs
 
-The setting is the paper's Table 4 (prompt of 274 tokens, 32 new tokens, beam 1 and 3). EOS is switched off
-in both, so that both always make exactly that many tokens. Runs of ours and HF's alternate, so that a busy
-machine slows both alike, and the table shows medians. tokens/s counts the new tokens over the whole call,
-prefill included; "ours decode steps/s" leaves the prefill out, to compare with the ceiling: a bare loop of
-the matrix-vector products one decode step must do (every linear layer and the LM head, nothing else), which
-no decoder of these weights can beat on this machine. Each measurement is one function returning a row of
-the table, so that more rows (adapters, multi-tenant batches) slot in. The last row bounds greedy decoding:
-our prefill followed by every step at the ceiling.
+The setting is the paper's Sec. 4.5: a prompt of 274 tokens, 32 new tokens, beam 1 and 3. EOS is switched off,
+so that every method always makes exactly that many tokens. Sections (--sections):
+
+table4       The base model, PARA (r = 12), (IA)^3 and unmerged LoRA with a rank that matches PARA's parameter
+             count, one prompt. The adapters get random weights (a fresh adapter is the base model itself, and
+             a zero LoRA B or a vector of ones could be skipped by a clever kernel); --init leaves them at
+             their initialisation, where every method must generate the base model's tokens.
+multitenant  One batch of --batch different prompts of --prompt_len tokens each (windows of one text, so no
+             row is padded), greedy. Each method serves it with a single adapter for every row, and with a
+             bank of --batch adapters, row i using adapter i: PARA gathers each row's vector generator once,
+             in the prefill; (IA)^3 gathers each row's vectors and LoRA each row's A and B at every step.
+hf           generate.py against HF Transformers' generate on the same weights (greedy and beam 3), the base
+             model, with the best any decoder could do here: our prefill, then every step at the ceiling.
+ceiling      A bare loop over the matrix-vector products of one decode step (all linear layers and the LM
+             head, nothing else): the decode steps/s no decoder of these weights can beat on this machine.
+
+Speed. tokens/s is the new tokens (of every row in a batch) over the whole generate call, prefill included, as
+in the paper; "decode tok/s" leaves out the prefill and the choice of the first token. Each figure is the
+median over --runs runs. The runs of all rows of a section alternate, one of each per round and the order
+rotated each round, so that a machine that slows down or speeds up (other jobs, heat) hits every row alike;
+ratios are taken between rows of the same run of the script. On CUDA the clock is read after a synchronize.
+
+Memory (peak MiB), the same quantity on both devices: the bytes of the weights the row uses (base model and
+its adapter, counted from the tensors) plus the largest amount of tensor memory held during the generate call
+above what was held before it. CUDA reads that from torch.cuda.max_memory_allocated (reset before the call);
+the CPU has no such counter, so a separate, untimed call runs under torch.profiler(profile_memory=True) and the
+peak is the running sum of its allocation and free events. Allocator caching, Python objects and the
+interpreter are not counted on either device.
 """
 import argparse
+import copy
+import itertools
 import json
+import operator
 import os
+import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import baselines
 import generate
+import para
 from model import default_model_path, load
 
-# a fixed English text to cut the prompt from (any text does; this one keeps the model writing, not stopping)
+# a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
 TEXT = (
     "The history of the bicycle is a story of small improvements that added up. The first machines, built in the "
     "early nineteenth century, had no pedals at all: riders sat on a wooden frame between two wheels and pushed "
@@ -43,94 +69,372 @@ TEXT = (
     "into motion, and cities around the world are building lanes and parking for it again. Write a short essay on "
     "what the next improvement to the bicycle might be, and explain why it would matter to people who ride every day."
 )
+PARA_R = 12  # the paper's bottleneck
+STRIDE = 17  # tokens between the starts of two prompts of a multi-tenant batch
+NAMES = {None: "base", "para": "PARA", "ia3": "(IA)^3", "lora": "LoRA"}
 
 
-def median_rate(runs):
-    return statistics.median(n / s for n, s in runs)
+def prompts_from_text(tokenizer, n, length):
+    """n different prompts of exactly `length` tokens: windows of TEXT (repeated), STRIDE tokens apart."""
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    body = tokenizer.encode(TEXT, bos=False)
+    need = (n - 1) * STRIDE + length
+    body = body * (need // len(body) + 1)
+    return [head + body[i * STRIDE : i * STRIDE + length - len(head)] for i in range(n)]
 
 
-def measure_generate(model, tokenizer, hf, prompt, num_beams, new_tokens, repeats):
-    """Ours and HF's generate, alternated: a table row for one decoding setting."""
-    hf.generation_config.eos_token_id = None  # no EOS: exactly new_tokens tokens
-    ours, theirs, decode, prefill = [], [], [], []
-    for _ in range(repeats):
-        result = generate.generate(model, tokenizer, [prompt], new_tokens, num_beams=num_beams, eos_id=-1)[0]
-        ours.append((len(result.tokens), result.seconds))
-        decode.append((len(result.tokens) - 1, result.seconds - result.prefill_seconds))
-        prefill.append(result.prefill_seconds)
+# -----------------------------------------------------------------------------
+# The models: one set of base weights, shared by every row
+
+
+def with_adapter(base, method, r, n_adapters, randomise, seed):
+    """A copy of `base` that shares its weights (not copied: no memory) and carries a fresh bank of adapters."""
+    shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+    model = copy.deepcopy(base, memo=shared)  # new modules around the same tensors; add_adapter then rewraps them
+    if method is None:
+        return model
+    para.add_adapter(model, method, r=r, n_adapters=n_adapters)
+    if randomise:
+        randomise_adapter(model, seed)
+    return model
+
+
+@torch.no_grad()
+def randomise_adapter(model, seed):
+    """Non-trivial adapter weights, every adapter of a bank different, that keep the text sane: the PARA and
+    (IA)^3 vectors move by some ±5% around 1 (on SmolLM2), LoRA's (alpha/r) B A is 10% of W (Frobenius norm)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)
+    for name, p in model.named_parameters():
+        if name.endswith("vector_generator.up"):  # l = gelu(h W_down) W_up + b: now prompt-dependent
+            p.copy_(0.3 * noise(p))
+        elif name.endswith("vector_generator.bias") or name.endswith("ia3_vector"):
+            p.copy_(1 + 0.05 * noise(p))
+    for m in model.modules():
+        if isinstance(m, baselines.LoRALinear):  # A keeps its random init
+            for A, B in zip(m.lora_A, m.lora_B):
+                B.copy_(noise(B))
+                B.mul_(0.1 * m.base.weight.float().norm() / (m.scaling * (B.float() @ A.float()).norm()))
+
+
+def tensor_bytes(tensors):
+    """Bytes of distinct tensors (a tied embedding and LM head count once)."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+
+
+def lora_rank_matching_para(args):
+    """The LoRA rank (on wq, wv) whose parameter count is closest to PARA's at r = 12."""
+    return max(1, round(para.count_parameters(args, "para", r=PARA_R) / para.count_parameters(args, "lora", r=1)))
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=None):
+    """One generate call, EOS off: (tokens of each prompt, seconds of the call, seconds of its decode steps)."""
+    device = model.tok_embeddings.weight.device
+    sync(device)
+    start = time.perf_counter()
+    out = generate.generate(model, tokenizer, prompts, new_tokens, num_beams=num_beams, adapter_ids=adapter_ids,
+                            eos_id=-1)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return [g.tokens for g in out], seconds, out[0].seconds - out[0].prefill_seconds
+
+
+def interleaved(jobs, runs):
+    """Call each job once per round for `runs` rounds, rotating the order every round; {name: [results]}.
+    One untimed call of each comes first: first calls pay for allocations and kernel choices."""
+    for job in jobs.values():
+        job()
+    names, results = list(jobs), {name: [] for name in jobs}
+    for i in range(runs):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            results[name].append(jobs[name]())
+    return results
+
+
+def peak_mib(model, call, device):
+    """Peak MiB of one call: the weights the model uses, plus the most tensor memory held above what was held
+    before the call (see the module docstring)."""
+    weights = tensor_bytes(itertools.chain(model.parameters(), model.buffers()))
+    para.set_rows(model)  # drop PARA's vectors of the previous call now, not inside the measured call
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        sync(device)
+        held = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        # every allocation (+bytes) and free (-bytes) of the call, in time order; kineto_results holds them
+        # all, where prof.events() folds the allocations into the operators that made them
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        held = max(itertools.accumulate(n for _, n in events), default=0)
+    return (weights + held) / 2**20
+
+
+def rate(results, n_tokens, index):
+    """Median tokens/s over the runs, from the seconds at results[i][index]."""
+    return statistics.median(n_tokens / r[index] for r in results)
+
+
+# -----------------------------------------------------------------------------
+# Sections: each returns rows, one dict per row
+
+
+def table4(base, tokenizer, s, device):
+    """The paper's Table 4: one prompt, beam 1 and 3, base / PARA / (IA)^3 / LoRA, tokens/s and peak memory."""
+    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
+    methods = {None: {}, "para": {"r": PARA_R}, "ia3": {}, "lora": {"r": s.lora_r}}
+    models = {m: with_adapter(base, m, kw.get("r"), 1, not s.init, seed=1) for m, kw in methods.items()}
+    jobs = {(m, beams): (lambda m=m, beams=beams: run_generate(models[m], tokenizer, prompt, beams, s.new_tokens))
+            for beams in (1, 3) for m in methods}
+    memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
+    results = interleaved(jobs, s.runs)
+    rows = []
+    for m, beams in jobs:
+        runs, ref = results[m, beams], results[None, beams]
+        adapter = tensor_bytes(para.adapter_state_dict(models[m]).values()) if m else 0
+        rows.append({
+            "section": "table4", "method": NAMES[m] + (f" r={methods[m]['r']}" if "r" in methods[m] else ""),
+            "adapter params": sum(t.numel() for t in para.adapter_state_dict(models[m]).values()) if m else 0,
+            "beams": beams,
+            "tokens/s": rate(runs, s.new_tokens, 1), "/ base": rate(runs, s.new_tokens, 1) / rate(ref, s.new_tokens, 1),
+            "decode tok/s": rate(runs, s.new_tokens - 1, 2),
+            "decode / base": rate(runs, s.new_tokens - 1, 2) / rate(ref, s.new_tokens - 1, 2),
+            "peak MiB": memory[m, beams], "adapter MiB": adapter / 2**20,
+            "peak - base - adapter MiB": memory[m, beams] - memory[None, beams] - adapter / 2**20,
+            "= base tokens": runs[-1][0] == ref[-1][0], "tokens": runs[-1][0]})
+    return rows
+
+
+def multi_tenant(base, tokenizer, s, device):
+    """One batch of different prompts, greedy: each method with one adapter for all rows, and with one per row."""
+    prompts = prompts_from_text(tokenizer, s.batch, s.prompt_len)
+    models, ids = {("base", 1): with_adapter(base, None, None, 1, False, 0)}, {}
+    for m, r in (("para", PARA_R), ("ia3", None), ("lora", s.lora_r)):
+        for n in (1, s.batch):
+            models[m, n] = with_adapter(base, m, r, n, not s.init, seed=2)
+            ids[m, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
+    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids.get(key)))
+            for key in models}
+    results = interleaved(jobs, s.runs)
+    n_tokens = s.batch * s.new_tokens
+    rows = []
+    for (m, n), runs in results.items():
+        one = results[m, 1]
+        rows.append({
+            "section": "multitenant", "method": NAMES.get(m, m), "adapters": n if m != "base" else 0,
+            "batch": s.batch,
+            "tokens/s": rate(runs, n_tokens, 1), "/ base": rate(runs, n_tokens, 1) / rate(results["base", 1], n_tokens, 1),
+            "/ one adapter": rate(runs, n_tokens, 1) / rate(one, n_tokens, 1) if m != "base" else None,
+            "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2),
+            "decode / one adapter": rate(runs, 1, 2) / rate(one, 1, 2) if m != "base" else None,
+            "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0]})
+    return rows
+
+
+def load_hf(path, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return hf.to(device).eval()
+
+
+def versus_hf(base, tokenizer, s, device, hf):
+    """Ours against HF's generate on the same weights, base model, greedy and beam 3."""
+    hf.generation_config.eos_token_id = None  # no EOS: exactly new_tokens tokens, as ours with eos_id=-1
+    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
+
+    def run_hf(beams):
+        tokens = torch.tensor(prompt, device=device)
+        sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, num_beams=num_beams, max_new_tokens=new_tokens,
-                              pad_token_id=tokenizer.pad_id)
-        theirs.append((out.shape[1] - len(prompt), time.perf_counter() - start))
-    return {"measurement": "greedy" if num_beams == 1 else f"beam {num_beams}",
-            "ours tokens/s": median_rate(ours), "HF tokens/s": median_rate(theirs),
-            "ours / HF": median_rate(ours) / median_rate(theirs),
-            "same tokens": result.tokens == out[0, len(prompt):].tolist(),
-            "ours decode steps/s": median_rate(decode), "ours prefill s": statistics.median(prefill)}
+            out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, num_beams=beams,
+                              max_new_tokens=s.new_tokens, pad_token_id=tokenizer.pad_id)
+        sync(device)
+        return [out[0, len(prompt[0]):].tolist()], time.perf_counter() - start
+
+    jobs = {}
+    for beams in (1, 3):
+        jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, s.new_tokens)
+        jobs["HF", beams] = lambda beams=beams: run_hf(beams)
+    results = interleaved(jobs, s.runs)
+    rows = []
+    for beams in (1, 3):
+        ours, theirs = results["ours", beams], results["HF", beams]
+        rows.append({
+            "section": "hf", "measurement": "greedy" if beams == 1 else f"beam {beams}",
+            "ours tokens/s": rate(ours, s.new_tokens, 1), "HF tokens/s": rate(theirs, s.new_tokens, 1),
+            "ours / HF": rate(ours, s.new_tokens, 1) / rate(theirs, s.new_tokens, 1),
+            "same tokens": ours[-1][0] == theirs[-1][0],
+            "ours decode steps/s": rate(ours, s.new_tokens - 1, 2),
+            "ours prefill s": statistics.median(r[1] - r[2] for r in ours)})
+    return rows
 
 
-def measure_ceiling(model, steps=10):
+def ceiling(base, device, steps=10):
     """Steps/s of a bare loop over the matrix-vector products of one decode step (all linears and the LM head)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights}
     times = []
     with torch.inference_mode():
         for _ in range(steps + 1):  # the first one warms up
+            sync(device)
             start = time.perf_counter()
             for w in weights:
                 F.linear(inputs[w.shape[1]], w)
+            sync(device)
             times.append(time.perf_counter() - start)
-    return {"measurement": "ceiling: matrix-vector products only", "ours decode steps/s": 1 / statistics.median(times[1:])}
+    return {"section": "ceiling", "measurement": "ceiling: matrix-vector products only",
+            "ours decode steps/s": 1 / statistics.median(times[1:])}
 
 
-def bound(greedy, ceiling, new_tokens):
+def bound(greedy, ceiling_row, new_tokens):
     """The best greedy tokens/s any decoder could reach here: our prefill, then every step at the ceiling."""
-    seconds = greedy["ours prefill s"] + (new_tokens - 1) / ceiling["ours decode steps/s"]
-    return {"measurement": "bound: our prefill + steps at the ceiling", "ours tokens/s": new_tokens / seconds,
-            "HF tokens/s": greedy["HF tokens/s"], "ours / HF": new_tokens / seconds / greedy["HF tokens/s"]}
+    seconds = greedy["ours prefill s"] + (new_tokens - 1) / ceiling_row["ours decode steps/s"]
+    return {"section": "ceiling", "measurement": "bound: our prefill + steps at the ceiling",
+            "ours tokens/s": new_tokens / seconds, "HF tokens/s": greedy["HF tokens/s"],
+            "ours / HF": new_tokens / seconds / greedy["HF tokens/s"]}
 
 
-def markdown(rows):
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "" if v is None else str(v)
+# -----------------------------------------------------------------------------
+# The paper's claims, checked on the rows of this run
+
+
+def claims(rows):
+    """The paper's claims as ratios of this run's rows: (claim, measured, target, holds) for each one measured."""
+    def find(section, **where):
+        return next(r for r in rows if r["section"] == section and all(r.get(k) == v for k, v in where.items()))
+
+    out = []  # (claim, measured, comparison, target)
+    if any(r["section"] == "table4" for r in rows):
+        for beams in (1, 3):
+            b, p, i = (find("table4", method=m, beams=beams) for m in ("base", f"PARA r={PARA_R}", "(IA)^3"))
+            out.append((f"PARA / base tokens/s, beam {beams}", p["/ base"], ">=", 0.97))
+            out.append((f"PARA / (IA)^3 tokens/s, beam {beams}", p["tokens/s"] / i["tokens/s"], ">=", 0.98))
+            # what PARA holds beyond its adapter: B x (d_q + d_kv + d_ffn) vectors per layer, a fraction of a MiB
+            out.append((f"PARA peak memory - base - adapter, / base, beam {beams}",
+                        p["peak - base - adapter MiB"] / b["peak MiB"], "<", 0.01))
+    if any(r["section"] == "multitenant" for r in rows):
+        n = max(r["adapters"] for r in rows if r["section"] == "multitenant")
+        p, lora = find("multitenant", method="PARA", adapters=n), find("multitenant", method="LoRA", adapters=n)
+        out.append((f"PARA / LoRA tokens/s, {n} adapters in one batch", p["tokens/s"] / lora["tokens/s"], ">", 1.0))
+        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", p["/ one adapter"], ">=", 0.95))
+    for name, at_least in (("greedy", 1.3), ("beam 3", 1.5)):
+        if any(r.get("measurement") == name for r in rows):
+            out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name)["ours / HF"], ">=", at_least))
+    compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt}
+    return [{"claim": c, "measured": v, "target": f"{op} {t}", "holds": compare[op](v, t)} for c, v, op, t in out]
+
+
+# -----------------------------------------------------------------------------
+# Output
+
+
+def markdown(rows, hide=("section", "tokens")):
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in hide]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--ckpt_dir", help="default: the small SmolLM2-135M GGUF")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt_tokens", type=int, default=274)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
+TITLES = {"table4": "Table 4: one prompt, tokens/s and peak memory",
+          "multitenant": "Multi-tenant serving: one batch, greedy",
+          "hf": "generate.py against HF Transformers (base model)",
+          "ceiling": "Ceiling"}
 
-    path = args.ckpt_dir or default_model_path()
-    model, tokenizer = load(path, dtype=torch.float32)
-    if path.endswith(".gguf"):
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  dtype=torch.float32)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    hf.eval()
-    prompt = (tokenizer.encode(TEXT) * 4)[: args.prompt_tokens]
-    greedy = measure_generate(model, tokenizer, hf, prompt, 1, args.new_tokens, args.repeats)
-    beam = measure_generate(model, tokenizer, hf, prompt, 3, args.new_tokens, args.repeats)
-    ceiling = measure_ceiling(model)
-    rows = [greedy, beam, ceiling, bound(greedy, ceiling, args.new_tokens)]
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        print(f"{os.path.basename(path)}, {args.threads} threads, prompt {len(prompt)} tokens, "
-              f"{args.new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}\n")
-        print(markdown(rows))
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder or .gguf file "
+                        "(default: the small SmolLM2-135M GGUF)")
+    parser.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on cuda, float32 on the cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--runs", "--repeats", dest="runs", type=int, help="timed runs per row (default: 100 on "
+                        "cuda, 5 on the cpu)")
+    parser.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8, help="prompts (and adapters) of the multi-tenant batch")
+    parser.add_argument("--lora_r", type=int, help="LoRA's rank (default: PARA's parameter count at r = 12)")
+    parser.add_argument("--sections", default="table4,multitenant,hf,ceiling",
+                        help="comma-separated, from table4, multitenant, hf, ceiling")
+    parser.add_argument("--init", action="store_true", help="leave the adapters at their initialisation: every "
+                        "method then generates the base model's tokens (a check of the harness)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
+    s = parser.parse_args(argv)
+    sections = s.sections.split(",")
+    unknown = set(sections) - set(TITLES)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
+    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if s.device == "auto" else s.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if s.dtype == "auto" else getattr(torch, s.dtype)
+    s.runs = s.runs or (100 if device.type == "cuda" else 5)
+    torch.set_num_threads(s.threads)
+
+    path = s.model or default_model_path()
+    base, tokenizer = load(path, device=device, dtype=dtype)
+    s.lora_r = s.lora_r or lora_rank_matching_para(base.args)
+    hf, hf_note = None, None
+    if "hf" in sections:
+        try:
+            hf = load_hf(path, device, dtype)
+        except Exception as e:  # not installed, or a format it cannot read (a Meta folder)
+            hf_note = f"HF Transformers could not load the model, section skipped: {type(e).__name__}: {e}"
+    load_start = os.getloadavg()[0]
+
+    rows = []
+    if "table4" in sections:
+        rows += table4(base, tokenizer, s, device)
+    if "multitenant" in sections:
+        rows += multi_tenant(base, tokenizer, s, device)
+    if hf is not None:
+        rows += versus_hf(base, tokenizer, s, device, hf)
+    if "ceiling" in sections:
+        rows.append(ceiling(base, device))
+        greedy = next((r for r in rows if r.get("measurement") == "greedy"), None)
+        if greedy:
+            rows.append(bound(greedy, rows[-1], s.new_tokens))
+
+    setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
+               "threads": torch.get_num_threads(), "runs": s.runs, "prompt_len": s.prompt_len,
+               "new_tokens": s.new_tokens, "batch": s.batch, "para_r": PARA_R, "lora_r": s.lora_r,
+               "lora_targets": ["wq", "wv"], "adapters": "init" if s.init else "random", "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "load average (1 min) at start / end": [load_start, os.getloadavg()[0]]}
+    checks = claims(rows)
+    if s.json:
+        print(json.dumps({"setting": setting, "rows": rows, "claims": checks, "notes": [hf_note] if hf_note else []}))
+        return
+    print(", ".join(f"{k}: {v}" for k, v in setting.items() if v is not None))
+    for section in TITLES:
+        part = [r for r in rows if r["section"] == section]
+        if part:
+            print(f"\n### {TITLES[section]}\n\n{markdown(part)}")
+    if hf_note:
+        print(f"\n{hf_note}")
+    if checks:
+        print(f"\n### Claims, measured in this run\n\n{markdown(checks)}")
 
 
 if __name__ == "__main__":
