@@ -190,7 +190,8 @@ def keep_rows(model, cache, rows, start=0):
     index = torch.tensor(rows, device=cache.k[0].device)
     if rows != list(range(len(rows))):  # dropping the last rows moves nothing: the next forward just uses fewer
         cache.reorder(index, start)
-    para.reorder_rows(model, index)
+    if start == 0:  # the adapters' per-row state comes from the prompt: with start > 0 every row already holds it
+        para.reorder_rows(model, index)  # (skipping it saves about 1-2 ms per beam step, a walk over all modules)
     return index
 
 
