@@ -23,7 +23,7 @@ ceiling      A bare loop over the matrix-vector products of one decode step (all
 
 Speed. tokens/s is the new tokens (of every row in a batch) over the whole generate call, prefill included, as
 in the paper; "decode tok/s" leaves out the prefill and the choice of the first token. Each figure is the
-median over --runs runs. The runs of all rows of a section alternate, one of each per round and the order
+median over --runs runs, after one untimed run of each row. The runs of all rows of a section alternate, one of each per round and the order
 rotated each round, so that a machine that slows down or speeds up (other jobs, heat) hits every row alike;
 a ratio ("/ base") is the median over the rounds of the ratio of the two rows' speeds in the same round. On
 CUDA the clock is read after a synchronize.
@@ -149,11 +149,15 @@ def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=N
     return [g.tokens for g in out], seconds, out[0].seconds - out[0].prefill_seconds
 
 
-def interleaved(jobs, runs):
-    """Call each job once per round for `runs` rounds, rotating the order every round; {name: [results]}.
-    One untimed call of each comes first: first calls pay for allocations and kernel choices."""
+def warm_up(jobs):
+    """One untimed call of each job: first calls pay for allocations and kernel choices (cuBLAS's workspace,
+    oneDNN's primitives), which must count as no row's time or memory."""
     for job in jobs.values():
         job()
+
+
+def interleaved(jobs, runs):
+    """Call each job once per round for `runs` rounds, rotating the order every round; {name: [results]}."""
     names, results = list(jobs), {name: [] for name in jobs}
     for i in range(runs):
         k = i % len(names)
@@ -207,6 +211,7 @@ def table4(base, tokenizer, s, device):
     models = {m: with_adapter(base, m, kw.get("r"), 1, not s.init, seed=1) for m, kw in methods.items()}
     jobs = {(m, beams): (lambda m=m, beams=beams: run_generate(models[m], tokenizer, prompt, beams, s.new_tokens))
             for beams in (1, 3) for m in methods}
+    warm_up(jobs)
     memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
     results = interleaved(jobs, s.runs)
     rows = []
@@ -236,6 +241,7 @@ def multi_tenant(base, tokenizer, s, device):
             ids[m, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
     jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids.get(key)))
             for key in models}
+    warm_up(jobs)
     results = interleaved(jobs, s.runs)
     n_tokens = s.batch * s.new_tokens
     rows = []
@@ -282,6 +288,7 @@ def versus_hf(base, tokenizer, s, device, hf):
     for beams in (1, 3):
         jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, s.new_tokens)
         jobs["HF", beams] = lambda beams=beams: run_hf(beams)
+    warm_up(jobs)
     results = interleaved(jobs, s.runs)
     rows = []
     for beams in (1, 3):
