@@ -23,10 +23,10 @@ ceiling      A bare loop over the matrix-vector products of one decode step (all
 
 Speed. tokens/s is the new tokens (of every row in a batch) over the whole generate call, prefill included, as
 in the paper; "decode tok/s" leaves out the prefill and the choice of the first token. Each figure is the
-median over --runs runs, after one untimed run of each row. The runs of all rows of a section alternate, one of each per round and the order
-rotated each round, so that a machine that slows down or speeds up (other jobs, heat) hits every row alike;
-a ratio ("/ base") is the median over the rounds of the ratio of the two rows' speeds in the same round. On
-CUDA the clock is read after a synchronize.
+median over --runs runs, after one untimed run of each row. The runs of all rows of a section alternate, one
+of each per round and the order rotated each round, so that a machine that slows down or speeds up (other
+jobs, heat) hits every row alike; a ratio ("/ base") is the median over the rounds of the ratio of the two
+rows' speeds in the same round. On CUDA the clock is read after a synchronize.
 
 Memory (peak MiB), the same quantity on both devices: the bytes of the weights the row uses (base model and
 its adapter, counted from the tensors) plus the largest amount of tensor memory held during the generate call
