@@ -408,7 +408,8 @@ def main(argv=None):
         parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
     device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                           "cpu" if s.device == "auto" else s.device)
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if s.dtype == "auto" else getattr(torch, s.dtype)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if s.dtype == "auto" else getattr(torch, s.dtype)
     s.runs = s.runs or (100 if device.type == "cuda" else 5)
     torch.set_num_threads(s.threads)
 
