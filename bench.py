@@ -2,7 +2,7 @@
 Generation speed and memory: the paper's Table 4, multi-tenant serving, and generate.py against HF Transformers.
 
     python bench.py                                    # SmolLM2-135M on the CPU, fp32, 2 threads, 5 runs
-    python bench.py --sections table4 --runs 9 --json  # one JSON object with every row
+    python bench.py --sections table4 --runs 9 --json  # one JSON object: every row, its tokens and timings
     python bench.py --model path/to/llama-2-7b --device cuda   # the paper's setting: bf16, 100 runs
 
 The setting is the paper's Sec. 4.5: a prompt of 274 tokens, 32 new tokens, beam 1 and 3. EOS is switched off,
@@ -94,6 +94,7 @@ def with_adapter(base, method, r, n_adapters, randomise, seed):
     model = copy.deepcopy(base, memo=shared)  # new modules around the same tensors; add_adapter then rewraps them
     if method is None:
         return model
+    torch.manual_seed(seed)  # the adapter's random init (PARA's W_down, LoRA's A): the same in every run
     para.add_adapter(model, method, r=r, n_adapters=n_adapters)
     if randomise:
         randomise_adapter(model, seed)
@@ -227,7 +228,7 @@ def table4(base, tokenizer, s, device):
             "decode tok/s": rate(runs, s.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
             "peak MiB": memory[m, beams], "adapter MiB": adapter / 2**20,
             "peak - base - adapter MiB": memory[m, beams] - memory[None, beams] - adapter / 2**20,
-            "= base tokens": runs[-1][0] == ref[-1][0], "tokens": runs[-1][0]})
+            "= base tokens": runs[-1][0] == ref[-1][0], "tokens": runs[-1][0], "seconds": [r[1] for r in runs]})
     return rows
 
 
@@ -255,7 +256,8 @@ def multi_tenant(base, tokenizer, s, device):
             "/ LoRA": speedup(runs, results["lora", n]) if m != "base" else None,
             "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2),
             "decode / one adapter": speedup(runs, one, 2) if m != "base" else None,
-            "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0]})
+            "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0],
+            "seconds": [r[1] for r in runs]})
     return rows
 
 
@@ -299,7 +301,8 @@ def versus_hf(base, tokenizer, s, device, hf):
             "ours / HF": speedup(ours, theirs),
             "same tokens": ours[-1][0] == theirs[-1][0],
             "ours decode steps/s": rate(ours, s.new_tokens - 1, 2),
-            "ours prefill s": statistics.median(r[1] - r[2] for r in ours)})
+            "ours prefill s": statistics.median(r[1] - r[2] for r in ours),
+            "seconds": {"ours": [r[1] for r in ours], "HF": [r[1] for r in theirs]}})
     return rows
 
 
@@ -362,7 +365,7 @@ def claims(rows):
 # Output
 
 
-def markdown(rows, hide=("section", "tokens")):
+def markdown(rows, hide=("section", "tokens", "seconds")):
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in hide]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
