@@ -365,6 +365,14 @@ def claims(rows):
 # Output
 
 
+def cpu_name():
+    try:  # Linux
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def markdown(rows, hide=("section", "tokens", "seconds")):
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in hide]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)
@@ -425,15 +433,19 @@ def main(argv=None):
             hf = load_hf(path, device, dtype)
         except Exception as e:  # not installed, or a format it cannot read (a Meta folder)
             hf_note = f"HF Transformers could not load the model, section skipped: {type(e).__name__}: {e}"
-    load_start = os.getloadavg()[0]
+    # the 1-minute load average before and after each section; this run's own threads add --threads to it
+    loads = {"start": os.getloadavg()[0]}
 
     rows = []
     if "table4" in sections:
         rows += table4(base, tokenizer, s, device)
+        loads["table4"] = os.getloadavg()[0]
     if "multitenant" in sections:
         rows += multi_tenant(base, tokenizer, s, device)
+        loads["multitenant"] = os.getloadavg()[0]
     if hf is not None:
         rows += versus_hf(base, tokenizer, s, device, hf)
+        loads["hf"] = os.getloadavg()[0]
     if "ceiling" in sections:
         rows.append(ceiling(base, device))
         greedy = next((r for r in rows if r.get("measurement") == "greedy"), None)
@@ -444,11 +456,11 @@ def main(argv=None):
                "threads": torch.get_num_threads(), "runs": s.runs, "prompt_len": s.prompt_len,
                "new_tokens": s.new_tokens, "batch": s.batch, "para_r": PARA_R, "lora_r": s.lora_r,
                "lora_targets": ["wq", "wv"], "adapters": "init" if s.init else "random", "torch": torch.__version__,
-               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "cpu": cpu_name(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "torch.profiler allocation events, CPU",
-               "load average (1 min) at start / end": [load_start, os.getloadavg()[0]]}
+               "load average (1 min)": {k: round(v, 2) for k, v in loads.items()}}
     checks = claims(rows)
     if s.json:
         print(json.dumps({"setting": setting, "rows": rows, "claims": checks, "notes": [hf_note] if hf_note else []}))
