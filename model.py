@@ -64,24 +64,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # computed in fp32 even for a bf16 model: bf16 keeps 8 bits of mantissa, too few for a mean of squares
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps), then the learned gain. Computed in fp32 even for a bf16 model: bf16 keeps
+        # 8 bits of mantissa, too few for a mean of squares. F.rms_norm is that formula in one call (fewer
+        # small kernels per decode step than spelling it out, and the same result to the bit here).
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(args: ModelArgs, device=None):
-    """cos and sin of the rotation angle pos * theta^(-2i/hd), each (max_seq_len, hd/2), fp32."""
+def rope_table(args: ModelArgs, device=None):
+    """Meta's freqs_cis: cos + i*sin of the rotation angle pos * theta^(-2i/hd), (max_seq_len, hd/2) complex64."""
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
     angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
 
 
-def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*theta_i. x: (B, T, nh, hd); cos/sin: (B|1, T, 1, hd/2)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, nh, hd/2)
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, nh, hd/2, 2)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x, rot):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*theta_i. Read as the complex number x[2i] + i*x[2i+1],
+    a pair turns by multiplying it with rot = cos + i*sin (Meta's freqs_cis): one kernel instead of six.
+    x: (B, T, nh, hd); rot: (B|1, T, 1, hd/2) complex64."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, nh, hd/2)
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)  # (B, T, nh, hd/2, 2) -> (B, T, nh, hd)
 
 
 class Attention(nn.Module):
@@ -94,14 +95,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
+    def forward(self, x, rot, mask, cache=None, start_pos=0):
         B, T, _ = x.shape
         # QKV
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         # RoPE on queries and keys only
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             # write this call's keys/values at [start_pos, start_pos+T), read back all of [0, start_pos+T)
@@ -134,8 +135,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+    def forward(self, x, rot, mask, cache=None, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), rot, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -148,9 +149,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args)
-        self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints: derived from args
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # A plain attribute, not a buffer: Module.to(torch.bfloat16) would cast a complex buffer to a real one and
+        # drop the sines. forward() moves it to the input's device. Not in checkpoints: it is derived from args.
+        self.freqs_cis = rope_table(args)  # (max_seq_len, hd/2) complex64
         self.grad_checkpointing = False  # train.py sets it: recompute each block in backward to save memory
 
     def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False):
@@ -168,18 +169,19 @@ class Transformer(nn.Module):
                 f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens"
             )
         h = self.tok_embeddings(tokens)  # (B, T, D)
+        self.freqs_cis = self.freqs_cis.to(tokens.device)  # a no-op once it is there
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         # SDPA's is_causal mask is aligned top-left (query i sees keys <= i), which is wrong for a chunk
         # of several tokens appended to a cache: those need the explicit mask below
         chunk_after_cache = cache is not None and start_pos > 0 and T > 1
         if pad_len is None and not chunk_after_cache:
             # no padding: plain causal attention (is_causal in SDPA); a single decode query sees everything
-            cos, sin = self.rope_cos[positions][None, :, None], self.rope_sin[positions][None, :, None]
+            rot = self.freqs_cis[positions][None, :, None]  # (1, T, 1, hd/2)
             mask = None
         else:
             pad_len = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad_len is None else pad_len
             row_pos = (positions[None, :] - pad_len[:, None]).clamp(min=0)  # (B, T), padding gets position 0
-            cos, sin = self.rope_cos[row_pos][:, :, None], self.rope_sin[row_pos][:, :, None]
+            rot = self.freqs_cis[row_pos][:, :, None]  # (B, T, 1, hd/2)
             keys = torch.arange(start_pos + T, device=tokens.device)  # (S,) cache columns
             causal = keys[None, :] <= positions[:, None]  # (T, S)
             real = keys[None, :] >= pad_len[:, None]  # (B, S)
@@ -188,9 +190,9 @@ class Transformer(nn.Module):
             mask = (causal[None] & (real[:, None] | itself[None]))[:, None]  # (B, 1, T, S)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, cache, start_pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, start_pos)
+                h = layer(h, rot, mask, cache, start_pos)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -243,7 +245,7 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
                           assign=True, strict=not tied)
     if tied:
         model.output.weight = model.tok_embeddings.weight  # one tensor, not a copy
-    model.rope_cos, model.rope_sin = rope_tables(args, device)
+    model.freqs_cis = rope_table(args, device)
     return model.eval(), tokenizer
 
 

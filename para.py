@@ -93,7 +93,7 @@ class PARABlock(TransformerBlock):
         self.adapter_ids = None  # (B,) bank index of each row, None: adapter 0 everywhere
         self.prompt_len = None  # (B,) the VG reads position prompt_len[i]-1 of row i; None: the last position
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
+    def forward(self, x, rot, mask, cache=None, start_pos=0):
         if start_pos == 0:  # x holds the prompt (training, prefill); a decode step (start_pos > 0) skips the VG
             # Pooler(h): the last prompt token, at this layer's input (left-padded prompts all end at -1)
             rows = torch.arange(x.shape[0], device=x.device)
@@ -103,7 +103,7 @@ class PARABlock(TransformerBlock):
             self.attention.wq.l, self.attention.wv.l, self.feed_forward.w3.l = l_q, l_v, l_u
         # With grad checkpointing model.py recomputes this call in backward with the same inputs and the same
         # adapter_ids/prompt_len, so the vectors are recomputed identically.
-        return super().forward(x, cos, sin, mask, cache, start_pos)
+        return super().forward(x, rot, mask, cache, start_pos)
 
     def set_rows(self, adapter_ids, prompt_len):
         self.adapter_ids, self.prompt_len = adapter_ids, prompt_len

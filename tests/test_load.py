@@ -88,7 +88,7 @@ def test_sharded_meta_checkpoint_loads_to_exactly_the_unsharded_logits(tmp_path,
 def test_max_seq_len_argument_overrides_the_context_and_rope_tables(tmp_path, sp_model):
     folder, _ = meta_folder(tmp_path, sp_model)
     model, _ = load(str(folder), max_seq_len=20)
-    assert model.args.max_seq_len == 20 and model.rope_cos.shape[0] == 20
+    assert model.args.max_seq_len == 20 and model.freqs_cis.shape[0] == 20
     with pytest.raises(ValueError, match="longer than the model's context of 20"):
         model(tokens(1, 21))
 
@@ -96,12 +96,12 @@ def test_max_seq_len_argument_overrides_the_context_and_rope_tables(tmp_path, sp
 # -----------------------------------------------------------------------------
 # bf16
 
-def test_load_in_bf16_gives_bf16_weights_fp32_rope_tables_and_fp32_logits(tmp_path, sp_model):
+def test_load_in_bf16_gives_bf16_weights_complex64_rope_table_and_fp32_logits(tmp_path, sp_model):
     folder, _ = meta_folder(tmp_path, sp_model)
     model32, _ = load(str(folder))
     model16, _ = load(str(folder), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model16.parameters())
-    assert model16.rope_cos.dtype == model16.rope_sin.dtype == torch.float32
+    assert model16.freqs_cis.dtype == torch.complex64
     with torch.no_grad():
         logits16, logits32 = model16(tokens()), model32(tokens())
     assert logits16.dtype == torch.float32
@@ -109,6 +109,7 @@ def test_load_in_bf16_gives_bf16_weights_fp32_rope_tables_and_fp32_logits(tmp_pa
     # |2.5|, so one rounding of the largest is 0.01; the measured difference is 0.013 at most (3 seeds).
     # atol 0.05 allows about five such roundings and still fails a wrong model: another seed's logits differ by > 3.
     assert_close(logits16, logits32, atol=0.05, rtol=0)
+    assert model32.to(torch.bfloat16).freqs_cis.dtype == torch.complex64  # Module.to(dtype) leaves it alone
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from generate import KVCache
-from model import ModelArgs, RMSNorm, apply_rope, hf_to_meta_rope, rope_tables
+from model import ModelArgs, RMSNorm, apply_rope, hf_to_meta_rope, rope_table
 from tiny_llama import FFN_MULTIPLIER, GQA, MHA, hf_twin, meta_ffn_hidden_dim, meta_to_hf_rope, random_model
 
 VOCAB = 256
@@ -43,8 +43,7 @@ def test_hf_rotate_half_rope_equals_meta_adjacent_pair_rope_on_permuted_rows():
     nh, hd, T = 4, 16, 10
     q_meta = torch.randn(T, nh * hd)  # (T, nh*hd) one query per position, Meta's layout
     args = ModelArgs(dim=nh * hd, n_heads=nh, max_seq_len=T, rope_theta=10000.0)
-    cos, sin = rope_tables(args)
-    ours = apply_rope(q_meta.view(1, T, nh, hd), cos[None, :, None], sin[None, :, None]).view(T, nh * hd)
+    ours = apply_rope(q_meta.view(1, T, nh, hd), rope_table(args)[None, :, None]).view(T, nh * hd)
 
     config = LlamaConfig(hidden_size=nh * hd, num_attention_heads=nh, max_position_embeddings=T, rope_theta=10000.0)
     q_hf = meta_to_hf_rope(q_meta.T, nh).T.reshape(1, T, nh, hd).transpose(1, 2)  # (1, nh, T, hd)
@@ -198,9 +197,19 @@ def test_rmsnorm_of_bf16_input_is_computed_in_fp32_like_hf():
 
 def test_rope_of_bf16_input_is_fp32_rope_rounded_once():
     args = ModelArgs(dim=64, n_heads=4, max_seq_len=32)
-    cos, sin = rope_tables(args)
-    cos, sin = cos[None, :, None], sin[None, :, None]
+    rot = rope_table(args)[None, :, None]
     x = (3 * torch.randn(2, 32, 4, 16)).bfloat16()
-    out = apply_rope(x, cos, sin)
+    out = apply_rope(x, rot)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, apply_rope(x.float(), cos, sin).bfloat16())
+    assert torch.equal(out, apply_rope(x.float(), rot).bfloat16())
+
+
+def test_complex_rope_equals_the_rotation_of_each_adjacent_pair_written_out():
+    args = ModelArgs(dim=64, n_heads=4, max_seq_len=32, rope_theta=500.0)
+    angles = rope_table(args).angle()  # (T, hd/2): pos * theta^(-2i/hd)
+    cos, sin = angles.cos(), angles.sin()
+    x = torch.randn(2, 32, 4, 16)
+    x0, x1 = x[..., 0::2], x[..., 1::2]  # (B, T, nh, hd/2) the pairs (x[2i], x[2i+1])
+    c, s = cos[None, :, None], sin[None, :, None]
+    expected = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_table(args)[None, :, None]), expected, rtol=0, atol=1e-5)

@@ -112,7 +112,7 @@ def test_fresh_para_leaves_smollm2_logits_bit_identical(smollm):
     with torch.device("meta"):  # the fixture is shared: adapt a second model over the same weight tensors
         twin = Transformer(model.args)
     twin.load_state_dict(model.state_dict(), assign=True)
-    twin.rope_cos, twin.rope_sin = model.rope_cos, model.rope_sin
+    twin.freqs_cis = model.freqs_cis
     para.add_adapter(twin.eval(), "para", r=12)
     with torch.no_grad():
         para.set_rows(twin)
