@@ -26,7 +26,9 @@ in the paper; "decode tok/s" leaves out the prefill and the choice of the first 
 median over --runs runs, after one untimed run of each row. The runs of all rows of a section alternate, one
 of each per round and the order rotated each round, so that a machine that slows down or speeds up (other
 jobs, heat) hits every row alike; a ratio ("/ base") is the median over the rounds of the ratio of the two
-rows' speeds in the same round. On CUDA the clock is read after a synchronize.
+rows' speeds in the same round. On CUDA the clock is read after a synchronize. On a shared machine those
+same-round ratios still scatter by a few percent, so each claim also gets a distribution-free 95% confidence
+interval of its median, and holds only when the whole interval meets the target ("undecided" otherwise).
 
 Memory (peak MiB), the same quantity on both devices: the bytes of the weights the row uses (base model and
 its adapter, counted from the tensors) plus the largest amount of tensor memory held during the generate call
@@ -39,6 +41,7 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import operator
 import os
 import platform
@@ -198,7 +201,22 @@ def rate(results, n_tokens, index):
 def speedup(results, reference, index=1):
     """Median over the rounds of reference's seconds / results' seconds in the same round: a ratio of speeds
     (both make the same tokens) from which a change of the machine's speed between rounds cancels."""
-    return statistics.median(ref[index] / r[index] for r, ref in zip(results, reference))
+    return statistics.median(ratios(results, reference, index))
+
+
+def ratios(results, reference, index=1):
+    return [ref[index] / r[index] for r, ref in zip(results, reference)]
+
+
+def median_interval(values, confidence=0.95):
+    """A distribution-free confidence interval for the median: [x_(j), x_(n+1-j)] of the sorted values covers it
+    with probability 1 - 2 P(X < j), X ~ Binomial(n, 1/2); j is the largest rank that keeps this >= confidence
+    (15 runs: the 4th smallest to the 4th largest). Below 6 runs no rank does, and it is the whole range."""
+    x, n = sorted(values), len(values)
+    j = 1
+    while j < (n + 1) // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n >= confidence:
+        j += 1
+    return [x[j - 1], x[n - j]]
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +243,8 @@ def table4(base, tokenizer, s, device):
             "beams": beams,
             "tokens/s": rate(runs, s.new_tokens, 1), "/ base": speedup(runs, ref),
             "/ (IA)^3": speedup(runs, results["ia3", beams]),
+            "95% CI": {"/ base": median_interval(ratios(runs, ref)),
+                       "/ (IA)^3": median_interval(ratios(runs, results["ia3", beams]))},
             "decode tok/s": rate(runs, s.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
             "peak MiB": memory[m, beams], "adapter MiB": adapter / 2**20,
             "peak - base - adapter MiB": memory[m, beams] - memory[None, beams] - adapter / 2**20,
@@ -256,6 +276,8 @@ def multi_tenant(base, tokenizer, s, device):
             "/ LoRA": speedup(runs, results["lora", n]) if m != "base" else None,
             "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2),
             "decode / one adapter": speedup(runs, one, 2) if m != "base" else None,
+            "95% CI": {"/ one adapter": median_interval(ratios(runs, one)),
+                       "/ LoRA": median_interval(ratios(runs, results["lora", n]))} if m != "base" else {},
             "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0],
             "seconds": [r[1] for r in runs]})
     return rows
@@ -298,7 +320,7 @@ def versus_hf(base, tokenizer, s, device, hf):
         rows.append({
             "section": "hf", "measurement": "greedy" if beams == 1 else f"beam {beams}",
             "ours tokens/s": rate(ours, s.new_tokens, 1), "HF tokens/s": rate(theirs, s.new_tokens, 1),
-            "ours / HF": speedup(ours, theirs),
+            "ours / HF": speedup(ours, theirs), "95% CI": {"ours / HF": median_interval(ratios(ours, theirs))},
             "same tokens": ours[-1][0] == theirs[-1][0],
             "ours decode steps/s": rate(ours, s.new_tokens - 1, 2),
             "ours prefill s": statistics.median(r[1] - r[2] for r in ours),
@@ -336,29 +358,39 @@ def bound(greedy, ceiling_row, new_tokens):
 
 
 def claims(rows):
-    """The paper's claims as ratios of this run's rows: (claim, measured, target, holds) for each one measured."""
+    """The paper's claims as ratios of this run's rows, one dict each: the median, its 95% confidence interval
+    (from the spread of the same-round ratios), the target, and whether it holds: "yes" when the whole interval
+    meets the target, "no" when none of it does, "undecided" when the interval straddles it (more runs decide)."""
     def find(section, **where):
         return next(r for r in rows if r["section"] == section and all(r.get(k) == v for k, v in where.items()))
 
-    out = []  # (claim, measured, comparison, target)
+    out = []  # (claim, row, key of the ratio, comparison, target)
     if any(r["section"] == "table4" for r in rows):
         for beams in (1, 3):
-            b, p = find("table4", method="base", beams=beams), find("table4", method=f"PARA r={PARA_R}", beams=beams)
-            out.append((f"PARA / base tokens/s, beam {beams}", p["/ base"], ">=", 0.97))
-            out.append((f"PARA / (IA)^3 tokens/s, beam {beams}", p["/ (IA)^3"], ">=", 0.98))
+            p = find("table4", method=f"PARA r={PARA_R}", beams=beams)
+            out.append((f"PARA / base tokens/s, beam {beams}", p, "/ base", ">=", 0.97))
+            out.append((f"PARA / (IA)^3 tokens/s, beam {beams}", p, "/ (IA)^3", ">=", 0.98))
             # what PARA holds beyond its adapter: B x (d_q + d_kv + d_ffn) vectors per layer, a fraction of a MiB
-            out.append((f"PARA peak memory - base - adapter, / base, beam {beams}",
-                        p["peak - base - adapter MiB"] / b["peak MiB"], "<", 0.01))
+            base_peak = find("table4", method="base", beams=beams)["peak MiB"]
+            memory = {"above base": p["peak - base - adapter MiB"] / base_peak}
+            out.append((f"PARA peak memory - base - adapter, / base, beam {beams}", memory, "above base", "<", 0.01))
     if any(r["section"] == "multitenant" for r in rows):
         n = max(r["adapters"] for r in rows if r["section"] == "multitenant")
         p = find("multitenant", method="PARA", adapters=n)
-        out.append((f"PARA / LoRA tokens/s, {n} adapters in one batch", p["/ LoRA"], ">", 1.0))
-        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", p["/ one adapter"], ">=", 0.95))
+        out.append((f"PARA / LoRA tokens/s, {n} adapters in one batch", p, "/ LoRA", ">", 1.0))
+        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", p, "/ one adapter", ">=", 0.95))
     for name, at_least in (("greedy", 1.3), ("beam 3", 1.5)):
         if any(r.get("measurement") == name for r in rows):
-            out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name)["ours / HF"], ">=", at_least))
+            out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">=", at_least))
     compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt}
-    return [{"claim": c, "measured": v, "target": f"{op} {t}", "holds": compare[op](v, t)} for c, v, op, t in out]
+    checks = []
+    for claim, row, key, op, target in out:
+        low, high = row.get("95% CI", {}).get(key) or [row[key]] * 2  # memory is measured exactly: no interval
+        meets = [compare[op](low, target), compare[op](high, target)]
+        holds = "yes" if all(meets) else "no" if not any(meets) else "undecided"
+        checks.append({"claim": claim, "measured": row[key], "95% CI": [low, high] if low != high else None,
+                       "target": f"{op} {target}", "holds": holds})
+    return checks
 
 
 # -----------------------------------------------------------------------------
@@ -373,9 +405,10 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def markdown(rows, hide=("section", "tokens", "seconds")):
+def markdown(rows, hide=("section", "tokens", "seconds", "95% CI")):
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in hide]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)
+    fmt = lambda v: (f"{v:.3f}" if isinstance(v, float) else "" if v is None else
+                     " - ".join(map(fmt, v)) if isinstance(v, list) else str(v))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -474,8 +507,10 @@ def main(argv=None):
     if hf_note:
         print(f"\n{hf_note}")
     if checks:
-        print(f"\n### Claims, measured in this run\n\n{markdown(checks)}")
-
+        few = ": too few for 95%, the range of all runs" if s.runs < 6 else ""
+        print(f"\n### Claims, measured in this run\n\n{markdown(checks, hide=())}\n\n95% CI: of the median of the "
+              f"same-round ratios, distribution-free ({s.runs} runs{few}). holds: yes if the whole interval meets "
+              "the target, no if none of it does, undecided if it straddles the target (more runs narrow it).")
 
 if __name__ == "__main__":
     main()

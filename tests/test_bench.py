@@ -39,4 +39,19 @@ def test_bench_reports_every_row_and_methods_at_init_generate_the_base_tokens(tm
     assert set(hf) == {"greedy", "beam 3"} and all(r["same tokens"] for r in hf.values())
     assert {r["measurement"] for r in rows if r["section"] == "ceiling"} == {
         "ceiling: matrix-vector products only", "bound: our prefill + steps at the ceiling"}
-    assert len(report["claims"]) == 10 and all(isinstance(c["holds"], bool) for c in report["claims"])
+    assert len(report["claims"]) == 10 and all(c["holds"] in ("yes", "no", "undecided") for c in report["claims"])
+
+
+def test_median_interval_is_the_distribution_free_95_percent_interval():
+    # ranks from the Binomial(n, 1/2) tables: n = 15 -> 4th to 12th, n = 20 -> 6th to 15th, n = 100 -> 40th to 61st
+    assert bench.median_interval(list(range(15, 0, -1))) == [4, 12]
+    assert bench.median_interval(list(range(1, 21))) == [6, 15]
+    assert bench.median_interval(list(range(1, 101))) == [40, 61]
+    assert bench.median_interval([3.0, 1.0, 2.0]) == [1.0, 3.0]  # too few runs for 95%: the whole range
+
+
+def test_a_claim_holds_only_when_its_whole_interval_meets_the_target():
+    def holds(low, high):
+        row = {"section": "hf", "measurement": "greedy", "ours / HF": (low + high) / 2, "95% CI": {"ours / HF": [low, high]}}
+        return bench.claims([row])[0]["holds"]
+    assert (holds(1.31, 1.4), holds(1.2, 1.29), holds(1.25, 1.35)) == ("yes", "no", "undecided")
