@@ -22,12 +22,13 @@ ATTENTION = ("wq", "wk", "wv", "wo")
 FEED_FORWARD = ("w1", "w2", "w3")
 
 
-class PerRow(nn.Module):
-    """A wrapper around a base Linear whose adapter may differ per row: adapter_ids (B,) or None (adapter 0)."""
+class PerRow(nn.Linear):
+    """A base Linear whose adapter may differ per row: adapter_ids (B,) or None (adapter 0). Like para.ScaledLinear,
+    it takes over the base Linear's weight (no copy, same state-dict name) rather than wrapping the module."""
 
     def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
         self.adapter_ids = None
 
     def set_rows(self, adapter_ids, prompt_len):
@@ -43,8 +44,8 @@ class IA3(PerRow):
     def __init__(self, base: nn.Linear, n_adapters: int, on_input: bool = False):
         super().__init__(base)
         self.on_input = on_input
-        n = base.in_features if on_input else base.out_features
-        w = base.weight
+        n = self.in_features if on_input else self.out_features
+        w = self.weight
         self.ia3_vector = nn.Parameter(torch.ones(n_adapters, n, device=w.device, dtype=w.dtype))  # 1: the identity
 
     def forward(self, x):
@@ -53,8 +54,8 @@ class IA3(PerRow):
         else:
             l = self.ia3_vector[self.adapter_ids][:, None]  # (B, 1, n): each row its own vector
         if self.on_input:
-            return self.base(l.to(x.dtype) * x)
-        y = self.base(x)
+            return super().forward(l.to(x.dtype) * x)
+        y = super().forward(x)  # x W^T, the base projection
         return l.to(y.dtype) * y  # .to: a no-op unless the adapter is kept in fp32 over a bf16 model
 
 
@@ -63,15 +64,15 @@ class LoRALinear(PerRow):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, n_adapters: int):
         super().__init__(base)
-        w = base.weight
+        w = self.weight
         self.scaling = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(n_adapters, r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(n_adapters, r, self.in_features, device=w.device, dtype=w.dtype))
         for A in self.lora_A:  # PEFT's default init, per adapter: uniform(±1/sqrt(in_features))
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n_adapters, self.out_features, r, device=w.device, dtype=w.dtype))
 
     def forward(self, x):
-        y, x = self.base(x), x.to(self.lora_A.dtype)  # the adapter may be kept in fp32 over a bf16 model
+        y, x = super().forward(x), x.to(self.lora_A.dtype)  # x W^T; the adapter may be kept in fp32 over a bf16 model
         if self.adapter_ids is None:  # one adapter for the whole batch: two thin matmuls
             delta = F.linear(F.linear(x, self.lora_A[0]), self.lora_B[0])
         else:
@@ -102,7 +103,7 @@ def add_lora(model, r: int, n_adapters: int, alpha: float = 8, targets=("wq", "w
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold a single LoRA adapter into the base weights, W += (alpha/r) B A, and drop the wrappers."""
+    """Fold a single LoRA adapter into the base weights, W += (alpha/r) B A, and make the layers plain Linears again."""
     if getattr(model, "adapter_config", None) is None or model.adapter_config["method"] != "lora":
         raise ValueError("merge_lora needs a model with a LoRA adapter")
     if model.n_adapters != 1:
@@ -112,7 +113,9 @@ def merge_lora(model):
             for name, m in list(parent.named_children()):
                 if isinstance(m, LoRALinear):
                     delta = (m.lora_B[0].float() @ m.lora_A[0].float()) * m.scaling  # (out, in)
-                    m.base.weight += delta.to(m.base.weight.dtype)
-                    setattr(parent, name, m.base)
+                    m.weight += delta.to(m.weight.dtype)
+                    plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+                    plain.weight, plain.bias = m.weight, m.bias
+                    setattr(parent, name, plain)
     model.adapter_config, model.n_adapters = None, 0
     return model

@@ -119,7 +119,7 @@ def randomise_adapter(model, seed):
         if isinstance(m, baselines.LoRALinear):  # A keeps its random init
             for A, B in zip(m.lora_A, m.lora_B):
                 B.copy_(noise(B))
-                B.mul_(0.1 * m.base.weight.float().norm() / (m.scaling * (B.float() @ A.float()).norm()))
+                B.mul_(0.1 * m.weight.float().norm() / (m.scaling * (B.float() @ A.float()).norm()))
 
 
 def tensor_bytes(tensors):

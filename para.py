@@ -58,18 +58,20 @@ class VectorGenerator(nn.Module):
         return l.to(h.dtype).split(self.split_sizes, dim=-1)  # l_q, l_v, l_u = Split(l)  <- where the vectors are born
 
 
-class ScaledLinear(nn.Module):
+class ScaledLinear(nn.Linear):
     """A frozen projection whose output is scaled per row by a vector its PARABlock hands it."""
 
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
+    def __init__(self, linear: nn.Linear):
+        # It takes over the loaded Linear's weight (no copy; its state-dict name stays e.g. attention.wq.weight).
+        # A subclass, not a wrapper around it: a wrapper costs one more module call per projection and decode step.
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
         self.l = None  # (B, 1, out): l_q, l_v or l_u of each row, set at start_pos == 0, reused by every decode step
 
     def forward(self, x):
         if self.l is None:
             raise RuntimeError("PARA has no vectors for this batch: run the prompt (start_pos=0) before decoding")
-        return self.l * self.base(x)  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V;  Eq. 5: U' = l_u ⊙ U  <- where they are used
+        return self.l * super().forward(x)  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V;  Eq. 5: U' = l_u ⊙ U  <- where they are used
 
     def set_rows(self, adapter_ids, prompt_len):
         self.l = None  # a new batch: stale vectors must never be reused

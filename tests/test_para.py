@@ -96,6 +96,15 @@ def test_fresh_vector_generator_outputs_exactly_one():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_adapter_takes_over_the_base_weights_without_copying_or_renaming_them(method):
+    model = base_model()
+    before = dict(model.named_parameters())
+    para.add_adapter(model, method, r=R)
+    after = {k: p for k, p in model.named_parameters() if not para.is_adapter_param(k)}
+    assert set(after) == set(before) and all(after[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_fresh_adapter_leaves_logits_bit_identical(method):
     model = base_model()
     tokens = torch.tensor([[1, 5, 9, 2, 7], [3, 8, 8, 4, 2]])
