@@ -22,13 +22,21 @@ ATTENTION = ("wq", "wk", "wv", "wo")
 FEED_FORWARD = ("w1", "w2", "w3")
 
 
-class PerRow(nn.Linear):
-    """A base Linear whose adapter may differ per row: adapter_ids (B,) or None (adapter 0). Like para.ScaledLinear,
-    it takes over the base Linear's weight (no copy, same state-dict name) rather than wrapping the module."""
+class SharedLinear(nn.Linear):
+    """An nn.Linear over another one's weight and bias: the same tensors (no copy), under the same state-dict names.
+    The adapted layers (here and para.ScaledLinear) subclass it rather than wrap the base Linear, because a
+    wrapper costs one more module call per projection and decode step."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # replace the meta placeholders: nothing was allocated
+
+
+class PerRow(SharedLinear):
+    """A base Linear whose adapter may differ per row: adapter_ids (B,) or None (adapter 0)."""
 
     def __init__(self, base: nn.Linear):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias
+        super().__init__(base)
         self.adapter_ids = None
 
     def set_rows(self, adapter_ids, prompt_len):
@@ -114,8 +122,6 @@ def merge_lora(model):
                 if isinstance(m, LoRALinear):
                     delta = (m.lora_B[0].float() @ m.lora_A[0].float()) * m.scaling  # (out, in)
                     m.weight += delta.to(m.weight.dtype)
-                    plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-                    plain.weight, plain.bias = m.weight, m.bias
-                    setattr(parent, name, plain)
+                    setattr(parent, name, SharedLinear(m))  # the merged weight, without the LoRA tensors
     model.adapter_config, model.n_adapters = None, 0
     return model

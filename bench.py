@@ -94,7 +94,7 @@ def prompts_from_text(tokenizer, n, length):
 def with_adapter(base, method, r, n_adapters, randomise, seed):
     """A copy of `base` that shares its weights (not copied: no memory) and carries a fresh bank of adapters."""
     shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
-    model = copy.deepcopy(base, memo=shared)  # new modules around the same tensors; add_adapter then rewraps them
+    model = copy.deepcopy(base, memo=shared)  # new modules around the same tensors; add_adapter then replaces some
     if method is None:
         return model
     torch.manual_seed(seed)  # the adapter's random init (PARA's W_down, LoRA's A): the same in every run

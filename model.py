@@ -169,7 +169,8 @@ class Transformer(nn.Module):
                 f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens"
             )
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        self.freqs_cis = self.freqs_cis.to(tokens.device)  # a no-op once it is there
+        if self.freqs_cis.device != tokens.device:  # once, after model.to(device): it is not a buffer
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         # SDPA's is_causal mask is aligned top-left (query i sees keys <= i), which is wrong for a chunk
         # of several tokens appended to a cache: those need the explicit mask below

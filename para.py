@@ -58,14 +58,12 @@ class VectorGenerator(nn.Module):
         return l.to(h.dtype).split(self.split_sizes, dim=-1)  # l_q, l_v, l_u = Split(l)  <- where the vectors are born
 
 
-class ScaledLinear(nn.Linear):
-    """A frozen projection whose output is scaled per row by a vector its PARABlock hands it."""
+class ScaledLinear(baselines.SharedLinear):
+    """A frozen projection (the loaded Linear's own weight) whose output is scaled per row by a vector its
+    PARABlock hands it."""
 
     def __init__(self, linear: nn.Linear):
-        # It takes over the loaded Linear's weight (no copy; its state-dict name stays e.g. attention.wq.weight).
-        # A subclass, not a wrapper around it: a wrapper costs one more module call per projection and decode step.
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias
+        super().__init__(linear)
         self.l = None  # (B, 1, out): l_q, l_v or l_u of each row, set at start_pos == 0, reused by every decode step
 
     def forward(self, x):

@@ -325,7 +325,7 @@ def hf_twin(model):
     for k, w in model.state_dict().items():
         if para.is_adapter_param(k):
             continue
-        k = k.replace(".base.", ".").removesuffix(".weight")
+        k = k.removesuffix(".weight")
         if k.startswith("layers."):
             _, i, sub = k.split(".", 2)
             if sub in ("attention.wq", "attention.wk"):
