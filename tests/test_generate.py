@@ -9,6 +9,7 @@ import generate
 import para
 from generate import KVCache, Generation, Printer, decode_step, prefill
 from model import load
+from tiny_llama import WIDE
 
 VOCAB = 96  # "<unk>", "<s>", "</s>" and 93 words
 MAX_NEW = 12
@@ -131,7 +132,7 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(tiny
         logits = prefill(model, tokens, pad_len, cache)
         for step in range(5):
             full = model(tokens, pad_len=pad_len)[:, -1]
-            torch.testing.assert_close(logits, full)
+            torch.testing.assert_close(logits, full, **WIDE)
             next_token = logits.argmax(-1)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             logits = decode_step(model, next_token, 6 + step, pad_len, cache)
@@ -149,7 +150,7 @@ def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
         token = torch.tensor([5, 6, 7, 8])
         logits = decode_step(model, token, 7, None, cache)
         full = model(torch.cat([rows[index], token[:, None]], dim=1))[:, -1]
-    torch.testing.assert_close(logits, full)
+    torch.testing.assert_close(logits, full, **WIDE)
 
 
 def test_reorder_from_a_shared_prefix_moves_only_later_positions(tiny):
@@ -166,7 +167,7 @@ def test_reorder_from_a_shared_prefix_moves_only_later_positions(tiny):
         token = torch.tensor([20, 21, 22])
         logits = decode_step(model, token, 6, None, cache)
         full = model(torch.cat([prompt.expand(3, 5), beams[[2, 2, 0]], token[:, None]], dim=1))[:, -1]
-    torch.testing.assert_close(logits, full)
+    torch.testing.assert_close(logits, full, **WIDE)
 
 
 # -----------------------------------------------------------------------------

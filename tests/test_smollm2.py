@@ -73,13 +73,12 @@ def test_logits_match_hf(smollm, hf, prompt):
     with torch.no_grad():
         ours, theirs = model(x), hf[0](x).logits
     # The weights are bit-identical to HF's, but 30 layers of fp32 rounding in another order (RoPE on pairs vs
-    # halves inside q.k, another attention kernel) leave differences of up to 5.4e-5 on logits of up to |36|, so
-    # default fp32 tolerances (atol 1e-5, meant for one operation) fail. HF disagrees with itself as much: its
-    # sdpa and eager attention differ by up to 4.1e-5 on these prompts, and against an fp64 run of HF our fp32
-    # logits are off by at most 5.6e-5, exactly as far as HF's own fp32 logits. atol 1e-4 covers that spread
-    # with a margin of 2 and still catches small errors: scaling one key head of the last layer by 1.001 moves
-    # the logits by 1.4e-3.
-    assert_close(ours, theirs, atol=1e-4, rtol=1.3e-6)
+    # halves inside q.k, another attention kernel) leave differences on logits of up to |36|: 5.4e-5 on Intel,
+    # 4.5e-5 on AMD. The measured reference: HF disagrees with itself as much (its sdpa and eager attention differ
+    # by up to 4.1e-5 on these prompts), and each side's fp32 logits lie up to 5.6e-5 from an fp64 run of HF, so
+    # two correct fp32 paths may differ by up to 1.1e-4. atol 2e-4 is that with a margin of 2, and still catches
+    # small errors: scaling one key head of the last layer by 1.001 moves the logits by 1.4e-3.
+    assert_close(ours, theirs, atol=2e-4, rtol=0)
 
 
 # -----------------------------------------------------------------------------
