@@ -1,0 +1,8 @@
+"""The one exception the command lines catch."""
+
+
+class UserError(Exception):
+    """A problem the user can fix: a missing or mismatched checkpoint, a flag out of range, a malformed data or
+    adapter file, an out folder holding another run. Its message names the file or flag and the fix.
+    train.py, generate.py and the prepare scripts print it and exit without a traceback; any other exception is
+    a bug, and keeps its traceback."""
