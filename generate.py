@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import para
+from errors import UserError
 
 
 class KVCache:
@@ -418,7 +419,7 @@ def main(argv=None):
             paths = list(dict.fromkeys(adapters))  # distinct, in order of first use
             para.load_adapter(model, paths)
             adapter_ids = [paths.index(a) for a in adapters]
-    except (OSError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:
         parser.error(str(e))
 
     # -- tokens

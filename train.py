@@ -31,6 +31,7 @@ from tqdm import tqdm
 import para
 from data import TASKS, load_split, metric_for, prepare_task, resolve_task
 from generate import generate
+from errors import UserError
 from model import load
 
 
@@ -514,5 +515,5 @@ def train_and_evaluate(args, seed, folder, out_dir, rank, world, device):
 if __name__ == "__main__":
     try:
         main()
-    except (RunError, OSError, ValueError) as e:
+    except (RunError, UserError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
