@@ -8,8 +8,9 @@ Extra keys: "id" (the source's id), and what the metric needs: "label" (the labe
 or "answers" (every gold answer, SQuAD). data/<task>/prepare.py builds a task's folder; a folder of
 your own with the same three files is a task too.
 
-train.py uses resolve_task, load_split and metric_for; the prepare scripts share download,
-read_source, parse_jsonl, split_off and write_splits.
+train.py uses prepare_task, resolve_task, load_split and metric_for; the prepare scripts share download,
+read_jsonl, read_json, split_off and write_splits. A problem the user can fix (a missing or malformed file, an
+unknown task) raises errors.UserError, naming the file, the line and the fix.
 """
 import collections
 import gzip
@@ -23,9 +24,13 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from errors import UserError
+
 DATA_DIR = Path(__file__).resolve().parent
 TASKS = {name: DATA_DIR / name for name in ("copa", "boolq", "squad")}  # name -> folder its prepare.py writes
 SPLITS = ("train", "dev", "test")
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
 
 # -----------------------------------------------------------------------------
 # helpers shared by the data/<task>/prepare.py scripts
@@ -48,8 +53,8 @@ def download(url, dest):
                 f.write(chunk)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
         tmp.unlink(missing_ok=True)
-        raise ConnectionError(f"could not download {url} ({e}). Without network access, fetch that file "
-                              "another way and pass it, or the folder that holds it, with --src PATH") from None
+        raise UserError(f"could not download {url} ({e}). Without network access, fetch that file "
+                        "another way and pass it, or the folder that holds it, with --src PATH") from None
     os.replace(tmp, dest)
     return dest
 
@@ -61,8 +66,9 @@ def _pick(paths, name):
 
 
 def read_source(src, name, optional=False):
-    """Text of file `name` (or `name.gz`) in folder or zip `src`, at its top or one folder down (COPA.zip
-    holds COPA/train.jsonl). A missing file raises FileNotFoundError, or gives "" when optional."""
+    """(text, where) of file `name` (or `name.gz`) in folder or zip `src`, at its top or one folder down (COPA.zip
+    holds COPA/train.jsonl); `where` names the file in messages. A missing file is a UserError, or gives ("", None)
+    when optional."""
     src = Path(src)
     if src.is_dir():
         hit = _pick([p.relative_to(src).as_posix() for p in [*src.glob("*"), *src.glob("*/*")] if p.is_file()], name)
@@ -72,24 +78,81 @@ def read_source(src, name, optional=False):
             hit = _pick(z.namelist(), name)
             raw = z.read(hit) if hit else None
     elif src.exists():
-        raise ValueError(f"--src {src} is not a folder or a zip file")
+        raise UserError(f"--src {src} is not a folder or a zip file; give the folder or zip that holds {name}")
     else:
-        raise FileNotFoundError(f"--src {src} does not exist")
+        raise UserError(f"--src {src} does not exist; give the folder or zip that holds {name}")
     if raw is None:
         message = f"{src} has no {name} (nor {name}.gz), at its top or one folder down"
         if optional:
             print(f"warning: {message}; the splits made from it will be empty")
-            return ""
+            return "", None
         hint = (", or add --allow_missing_train to leave the splits made from it empty (evaluation only)"
                 if name.startswith("train") else "")
-        raise FileNotFoundError(f"{message}. Use the official files (run prepare.py without --src to "
-                                f"download them){hint}")
-    return (gzip.decompress(raw) if hit.endswith(".gz") else raw).decode("utf-8")
+        raise UserError(f"{message}. Use the official files (run prepare.py without --src to "
+                        f"download them){hint}")
+    where = f"{src}/{hit}"
+    if hit.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a cut-off file is an EOFError
+            raise UserError(f"{where}: not a valid gzip file ({e}); fetch it again") from None
+    return _decode(raw, where), where
 
 
-def parse_jsonl(text):
-    # split on "\n" only: str.splitlines would also cut at U+2028, which JSON allows inside strings
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
+def _decode(raw, where):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+FIX = "fix it, or use the official file (prepare.py without --src downloads it)"
+
+
+def parse_jsonl(text, where, problem=lambda example: None):
+    """The examples of a JSON-lines text, blank lines skipped. Bad JSON, or an example for which problem(example)
+    returns a message, is a UserError naming `where` and the line."""
+    examples = []
+    # split on "\n" only: str.splitlines would also cut at U+2028, which JSON allows inside strings.
+    # Blank lines are skipped but still counted, so the numbers are the ones an editor shows.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}, line {number}: not valid JSON ({e.msg}, column {e.colno}); {FIX}") from None
+        if message := problem(example):
+            raise UserError(f"{where}, line {number}: {message}; {FIX}")
+        examples.append(example)
+    return examples
+
+
+def parse_json(text, where):
+    """One JSON document; bad JSON is a UserError naming `where`, the line and the column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {FIX}") from None
+
+
+def read_jsonl(src, name, problem=lambda example: None, optional=False):
+    """The examples of JSON-lines file `name` in `src` (see read_source and parse_jsonl); [] if optional and
+    missing."""
+    text, where = read_source(src, name, optional=optional)
+    return parse_jsonl(text, where, problem) if where else []
+
+
+def read_json(src, name, optional=False):
+    """(document, where) of JSON file `name` in `src`; (None, None) if optional and missing."""
+    text, where = read_source(src, name, optional=optional)
+    return (parse_json(text, where) if where else None), where
+
+
+def shown(value):
+    """A JSON value for a message: itself when short ("7", "true"), else its type ("an object")."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 20 else JSON_TYPES[type(value)]
 
 
 def split_off(examples, k, seed):
@@ -119,24 +182,32 @@ def write_splits(out, splits):
 # tasks and splits, for train.py
 
 def _unknown(task):
-    return ValueError(f"unknown task {str(task)!r}: the known tasks are {', '.join(TASKS)}. For data of your own, "
+    return UserError(f"unknown task {str(task)!r}: the known tasks are {', '.join(TASKS)}. For data of your own, "
                       "give the path of a folder holding train.jsonl, dev.jsonl and test.jsonl, one "
                       '{"prompt": ..., "target": ...} object a line')
 
 
 def prepare_task(name, src=None, seed=0, allow_missing_train=False):
-    """Folder of known task `name`, after running data/<name>/prepare.py if a split file is missing.
-    Files already there are kept as they are, whatever seed they were split with."""
+    """Folder of known task `name`, prepared by data/<folder>/prepare.py: from src when it is given (again, if
+    the folder was prepared already: --src must not be silently ignored), else only if a split file is missing.
+    Without src, files already there are kept as they are, whatever seed or source they were made from."""
     if name not in TASKS:
         raise _unknown(name)
     folder = TASKS[name]
-    if not all((folder / f"{split}.jsonl").is_file() for split in SPLITS):
-        prepare = importlib.import_module(f"{__name__}.{name}.prepare").prepare
+    module = name
+    prepared = all((folder / f"{split}.jsonl").is_file() for split in SPLITS)
+    if src is not None:
+        print(f"preparing {name} from --src {src}" + (f", replacing the files in {folder}" if prepared else ""))
+    if src is not None or not prepared:
+        prepare = importlib.import_module(f"{__name__}.{module}.prepare").prepare
         try:
+            # write_splits renames the new files into place only once all are written: a failure keeps the old ones
             prepare(src=src, out=folder, seed=seed, allow_missing_train=allow_missing_train)
-        except ConnectionError as e:
-            raise ConnectionError(f"{e}\nTo prepare {name} from local files: "
-                                  f"python data/{name}/prepare.py --src PATH") from None
+        except UserError as e:
+            if src is not None:
+                raise
+            raise UserError(f"{e}\nTo prepare {name} from local files: "
+                            f"python data/{module}/prepare.py --src PATH") from None
     return folder
 
 
@@ -149,13 +220,9 @@ def resolve_task(task):
         raise _unknown(task)
     missing = [f"{split}.jsonl" for split in SPLITS if not (folder / f"{split}.jsonl").is_file()]
     if missing:
-        raise FileNotFoundError(f"task folder {folder} has no {', '.join(missing)}; "
+        raise UserError(f"task folder {folder} has no {', '.join(missing)}; "
                                 "a task folder needs train.jsonl, dev.jsonl and test.jsonl")
     return folder
-
-
-JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-              bool: "true/false", type(None): "null"}
 
 
 def _problem(record):
@@ -178,24 +245,24 @@ def _problem(record):
 
 
 def load_split(folder, split):
-    """Records of folder/<split>.jsonl. A bad line raises ValueError naming the file, the line and the fix."""
+    """Records of folder/<split>.jsonl. A bad line raises UserError naming the file, the line and the fix."""
     path = Path(folder) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; a task folder needs train.jsonl, dev.jsonl and test.jsonl")
-    lines = path.read_text(encoding="utf-8").split("\n")
+        raise UserError(f"{path} not found; a task folder needs train.jsonl, dev.jsonl and test.jsonl")
+    lines = _decode(path.read_bytes(), path).split("\n")
     while lines and not lines[-1].strip():  # blank lines at the end are fine
         lines.pop()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise ValueError(f"{path}, line {number}: blank line; remove it (only the end may have blank lines)")
+            raise UserError(f"{path}, line {number}: blank line; remove it (only the end may have blank lines)")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e}); each line must be one JSON object "
+            raise UserError(f"{path}, line {number}: not valid JSON ({e}); each line must be one JSON object "
                              'like {"prompt": "...", "target": " ..."}') from None
         if problem := _problem(record):
-            raise ValueError(f"{path}, line {number}: {problem}")
+            raise UserError(f"{path}, line {number}: {problem}")
         records.append(record)
     return records
 

@@ -1,6 +1,7 @@
 """The data/ package: task preparation (paper, Appendix A), the split files' format, and the metrics."""
 import gzip
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -18,6 +19,7 @@ import data.copa.prepare  # noqa: E402
 from data.boolq.prepare import prepare as prepare_boolq  # noqa: E402
 from data.copa.prepare import prepare as prepare_copa  # noqa: E402
 from data.squad.prepare import prepare as prepare_squad  # noqa: E402
+from errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # tiny sources in the official formats, written by the tests
@@ -123,7 +125,7 @@ def test_squad_records_keep_every_gold_answer_and_target_the_first(squad_src, tm
 
 
 def test_squad_with_fewer_train_questions_than_dev_size_is_an_error(squad_src, tmp_path):
-    with pytest.raises(ValueError, match="cannot draw a dev set of 1000"):
+    with pytest.raises(UserError, match="cannot draw a dev set of 1000"):
         prepare_squad(squad_src, tmp_path / "out")
 
 
@@ -171,7 +173,7 @@ def test_gzipped_source_files_are_read(tmp_path):
 
 def test_missing_train_file_fails_naming_the_file_and_the_flag(copa_src, tmp_path):
     (copa_src / "train.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="train.jsonl.*--allow_missing_train"):
+    with pytest.raises(UserError, match="train.jsonl.*--allow_missing_train"):
         prepare_copa(copa_src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -191,7 +193,7 @@ def test_without_src_the_official_file_is_downloaded_then_prepared(boolq_zip, tm
 
 def test_download_failure_suggests_src(tmp_path, monkeypatch):
     monkeypatch.setattr(data.copa.prepare, "URL", (tmp_path / "absent.zip").as_uri())
-    with pytest.raises(ConnectionError, match="--src"):
+    with pytest.raises(UserError, match="--src"):
         prepare_copa(out=tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no half-downloaded file left behind
 
@@ -210,6 +212,104 @@ def test_prepare_script_reports_a_missing_file_without_a_traceback(copa_src, tmp
     assert "train.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 # -----------------------------------------------------------------------------
+# source files checked before anything is written: errors name the file, the line and the fix
+
+def copa_val_error(copa_src, tmp_path, row):
+    """The UserError message for a COPA val.jsonl whose 3rd line is `row`."""
+    write_jsonl(copa_src / "val.jsonl", copa_rows(2) + [row] + copa_rows(2, start=2))
+    with pytest.raises(UserError) as error:
+        prepare_copa(copa_src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    message = str(error.value)
+    assert f"{copa_src / 'val.jsonl'}, line 3:" in message and "use the official file" in message
+    return message
+
+
+def test_copa_label_other_than_0_or_1_is_an_error_naming_the_line(copa_src, tmp_path):
+    row = copa_rows(1)[0] | {"label": 7}  # would otherwise become the target " choice8"
+    assert '"label" must be 0 (choice1) or 1 (choice2), got 7' in copa_val_error(copa_src, tmp_path, row)
+
+
+def test_copa_line_without_a_premise_is_an_error_naming_the_line(copa_src, tmp_path):
+    row = {k: v for k, v in copa_rows(1)[0].items() if k != "premise"}
+    assert 'missing "premise"' in copa_val_error(copa_src, tmp_path, row)
+
+
+def test_copa_line_without_a_label_is_an_error_naming_the_line(copa_src, tmp_path):
+    row = {k: v for k, v in copa_rows(1)[0].items() if k != "label"}
+    assert 'missing "label"' in copa_val_error(copa_src, tmp_path, row)
+
+
+def boolq_val_error(tmp_path, row):
+    """The UserError message for a BoolQ val.jsonl whose 2nd line is `row`."""
+    write_jsonl(tmp_path / "src" / "val.jsonl", boolq_rows(1) + [row])
+    with pytest.raises(UserError) as error:
+        prepare_boolq(tmp_path / "src", tmp_path / "out", allow_missing_train=True)
+    assert f"{tmp_path / 'src' / 'val.jsonl'}, line 2:" in str(error.value)
+    return str(error.value)
+
+
+def test_boolq_label_other_than_true_or_false_is_an_error_naming_the_line(tmp_path):
+    row = boolq_rows(1)[0] | {"label": "False"}  # a string: truthy, it would have become " True"
+    assert '"label" must be true or false (JSON booleans), got "False"' in boolq_val_error(tmp_path, row)
+
+
+def test_boolq_line_without_a_label_is_an_error_naming_the_line(tmp_path):
+    row = {k: v for k, v in boolq_rows(1)[0].items() if k != "label"}
+    assert 'missing "label"' in boolq_val_error(tmp_path, row)
+
+
+def squad_dev_error(tmp_path, answers):
+    """The UserError message for a dev-v1.1.json whose question d0-1 has `answers`."""
+    squad = squad_json(1, 3, "d")
+    squad["data"][0]["paragraphs"][0]["qas"][1]["answers"] = answers
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "dev-v1.1.json").write_text(json.dumps(squad))
+    with pytest.raises(UserError) as error:
+        prepare_squad(tmp_path / "src", tmp_path / "out", allow_missing_train=True)
+    assert f"{tmp_path / 'src' / 'dev-v1.1.json'}, question d0-1:" in str(error.value)
+    return str(error.value)
+
+
+def test_squad_question_without_answers_is_an_error_naming_its_id(tmp_path):
+    assert "at least one gold answer" in squad_dev_error(tmp_path, [])
+
+
+def test_squad_answer_without_text_is_an_error_naming_its_id(tmp_path):
+    assert '"text" string' in squad_dev_error(tmp_path, [{"answer_start": 0}])
+
+
+def test_bad_json_in_a_source_line_names_the_file_and_the_line_counting_blank_lines(copa_src, tmp_path):
+    good = json.dumps(copa_rows(1)[0])
+    (copa_src / "val.jsonl").write_text(f"{good}\n\n{good}\n  \n{good[:-1]}\n{good}\n")
+    with pytest.raises(UserError, match=r"val\.jsonl, line 5: not valid JSON"):
+        prepare_copa(copa_src, tmp_path / "out")
+
+
+def test_bad_json_in_a_squad_file_names_the_file_line_and_column(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "dev-v1.1.json").write_text('{\n  "version": "1.1",\n  "data": [oops]\n}\n')
+    with pytest.raises(UserError, match=r"dev-v1\.1\.json, line 3, column 12: not valid JSON"):
+        prepare_squad(tmp_path / "src", tmp_path / "out", allow_missing_train=True)
+
+
+def test_a_corrupt_gzip_source_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "dev-v1.1.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"dev-v1\.1\.json\.gz: not a valid gzip file"):
+        prepare_squad(tmp_path / "src", tmp_path / "out", allow_missing_train=True)
+
+
+@pytest.mark.parametrize("task", ["copa", "boolq", "squad"])
+@pytest.mark.parametrize("src", ["absent", "plain.txt"])
+def test_prepare_script_reports_a_bad_src_in_one_line_without_a_traceback(task, src, tmp_path):
+    (tmp_path / "plain.txt").write_text("neither a folder nor a zip")
+    result = subprocess.run([sys.executable, f"data/{task}/prepare.py", "--src", str(tmp_path / src),
+                             "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: --src {tmp_path / src} ") and result.stderr.count("\n") == 1
+
+# -----------------------------------------------------------------------------
 # tasks: names, folders, prepare on first use
 
 def test_prepare_task_prepares_a_known_task_when_its_files_are_missing(copa_src, tmp_path, monkeypatch):
@@ -218,18 +318,42 @@ def test_prepare_task_prepares_a_known_task_when_its_files_are_missing(copa_src,
     assert sizes(tmp_path / "copa") == {"train": 6, "dev": 10, "test": 11}
 
 
-def test_prepare_task_keeps_files_already_prepared(copa_src, tmp_path, monkeypatch):
+def test_prepare_task_without_src_keeps_files_already_prepared(copa_src, tmp_path, monkeypatch):
     monkeypatch.setitem(data.TASKS, "copa", tmp_path / "copa")
     data.prepare_task("copa", src=copa_src)
     before = file_bytes(tmp_path / "copa")
-    data.prepare_task("copa", src=copa_src, seed=1)
+    monkeypatch.setattr(data.copa.prepare, "URL", (tmp_path / "absent.zip").as_uri())  # would fail if it ran
+    data.prepare_task("copa", seed=1)
     assert file_bytes(tmp_path / "copa") == before
+
+
+def test_prepare_task_with_src_prepares_again_from_it_and_says_so(copa_src, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(data.TASKS, "copa", tmp_path / "copa")
+    data.prepare_task("copa", src=copa_src)
+    other = tmp_path / "other"
+    write_jsonl(other / "train.jsonl", copa_rows(3))
+    write_jsonl(other / "val.jsonl", copa_rows(4, start=200))
+    capsys.readouterr()
+    data.prepare_task("copa", src=other)
+    assert sizes(tmp_path / "copa") == {"train": 3, "dev": 2, "test": 2}
+    assert f"preparing copa from --src {other}, replacing the files in {tmp_path / 'copa'}" in capsys.readouterr().out
+
+
+def test_prepare_task_from_a_bad_src_keeps_the_files_already_prepared(copa_src, tmp_path, monkeypatch):
+    monkeypatch.setitem(data.TASKS, "copa", tmp_path / "copa")
+    data.prepare_task("copa", src=copa_src)
+    before = file_bytes(tmp_path / "copa")
+    write_jsonl(copa_src / "val.jsonl", copa_rows(4) + [{"premise": "p"}])
+    with pytest.raises(UserError):
+        data.prepare_task("copa", src=copa_src)
+    assert file_bytes(tmp_path / "copa") == before and sorted(os.listdir(tmp_path / "copa")) == \
+        ["dev.jsonl", "test.jsonl", "train.jsonl"]
 
 
 def test_prepare_task_without_network_says_how_to_prepare_from_local_files(tmp_path, monkeypatch):
     monkeypatch.setitem(data.TASKS, "copa", tmp_path / "copa")
     monkeypatch.setattr(data.copa.prepare, "URL", (tmp_path / "absent.zip").as_uri())
-    with pytest.raises(ConnectionError, match="python data/copa/prepare.py --src PATH"):
+    with pytest.raises(UserError, match="python data/copa/prepare.py --src PATH"):
         data.prepare_task("copa")
 
 
@@ -241,12 +365,12 @@ def test_resolve_task_accepts_a_folder_of_your_own(tmp_path):
 
 def test_resolve_task_names_the_split_files_a_folder_lacks(tmp_path):
     write_jsonl(tmp_path / "mine" / "train.jsonl", [{"prompt": "2+2=", "target": " 4"}])
-    with pytest.raises(FileNotFoundError, match="dev.jsonl, test.jsonl"):
+    with pytest.raises(UserError, match="dev.jsonl, test.jsonl"):
         data.resolve_task(str(tmp_path / "mine"))
 
 
 def test_unknown_task_error_lists_known_tasks_and_the_folder_option():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         data.resolve_task("cola")
     message = str(error.value)
     assert "'cola'" in message and "copa, boolq, squad" in message and "folder" in message
@@ -265,10 +389,10 @@ def test_blank_lines_at_the_end_are_fine(tmp_path):
 
 
 def bad_line_error(tmp_path, line):
-    """The ValueError for a dev.jsonl whose 3rd line is `line`."""
+    """The UserError for a dev.jsonl whose 3rd line is `line`."""
     good = '{"prompt": "a", "target": " b"}\n'
     (tmp_path / "dev.jsonl").write_text(good + good + line + "\n" + good)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         data.load_split(tmp_path, "dev")
     assert "dev.jsonl, line 3:" in str(error.value)
     return str(error.value)
@@ -383,7 +507,7 @@ def test_assets_copa_gives_the_paper_sizes_400_50_50(tmp_path):
 
 
 def test_assets_boolq_without_train_fails_by_default(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+    with pytest.raises(UserError, match="train.jsonl"):
         prepare_boolq(asset("boolq"), tmp_path / "out")
 
 
@@ -399,3 +523,4 @@ def test_assets_squad_official_dev_gives_a_test_set_of_10570(tmp_path):
     first = data.load_split(out, "test")[0]
     assert first["target"] == " Denver Broncos" and first["prompt"].endswith(
         "\nQuestion: Which NFL team represented the AFC at Super Bowl 50?\nAnswer:")
+

@@ -15,7 +15,8 @@ from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import download, parse_jsonl, read_source, split_off, write_splits
+from data import JSON_TYPES, download, read_jsonl, shown, split_off, write_splits
+from errors import UserError
 
 URL = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/BoolQ.zip"
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,21 @@ HERE = Path(__file__).resolve().parent
 TEMPLATE = "Passage: {passage}\nQuestion: {question}?\nAnswer (True or False):"
 
 
+def problem(example):
+    """What is wrong with one line of an official BoolQ file, or None; checked before any file is written."""
+    if not isinstance(example, dict):
+        return f"expected a JSON object, got {JSON_TYPES[type(example)]}"
+    for key in ("question", "passage", "label", "idx"):
+        if key not in example:
+            return f'missing "{key}"; a BoolQ line has question, passage, label and idx'
+    for key in ("question", "passage"):
+        if not isinstance(example[key], str):
+            return f'"{key}" must be a string, got {JSON_TYPES[type(example[key])]}'
+    if not isinstance(example["label"], bool):  # "False" (a string) would be truthy and read as True
+        return f'"label" must be true or false (JSON booleans), got {shown(example["label"])}'
+    return None
+
+
 def to_record(example):
     label = "True" if example["label"] else "False"  # label is a JSON bool
     prompt = TEMPLATE.format(passage=example["passage"], question=example["question"])
@@ -37,8 +53,8 @@ def to_record(example):
 def prepare(src=None, out=HERE, seed=0, allow_missing_train=False):
     """Write out/{train,dev,test}.jsonl from src (a folder or zip; None downloads the official zip)."""
     src = src or download(URL, Path(out) / "BoolQ.zip")
-    train = parse_jsonl(read_source(src, "train.jsonl", optional=allow_missing_train))
-    val = parse_jsonl(read_source(src, "val.jsonl"))
+    train = read_jsonl(src, "train.jsonl", problem, optional=allow_missing_train)
+    val = read_jsonl(src, "val.jsonl", problem)
     dev, test = split_off(val, len(val) // 2, seed)
     splits = {"train": train, "dev": dev, "test": test}
     return write_splits(out, {split: [to_record(e) for e in examples] for split, examples in splits.items()})
@@ -53,5 +69,5 @@ if __name__ == "__main__":
                         help="if src has no train.jsonl, write an empty train.jsonl instead of failing")
     try:
         prepare(**vars(parser.parse_args()))
-    except (OSError, ValueError) as e:
+    except UserError as e:  # anything else is a bug, and keeps its traceback
         sys.exit(f"error: {e}")

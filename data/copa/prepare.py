@@ -14,7 +14,8 @@ from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import download, parse_jsonl, read_source, split_off, write_splits
+from data import JSON_TYPES, download, read_jsonl, shown, split_off, write_splits
+from errors import UserError
 
 URL = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/COPA.zip"
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,24 @@ HERE = Path(__file__).resolve().parent
 TEMPLATE = "Premise: {premise}\nQuestion: What was the {question}?\nchoice1: {choice1}\nchoice2: {choice2}\nAnswer:"
 
 
+def problem(example):
+    """What is wrong with one line of an official COPA file, or None. Checked before any file is written: a label
+    of 7 would otherwise become the target " choice8"."""
+    if not isinstance(example, dict):
+        return f"expected a JSON object, got {JSON_TYPES[type(example)]}"
+    for key in ("premise", "choice1", "choice2", "question", "label", "idx"):
+        if key not in example:
+            return f'missing "{key}"; a COPA line has premise, choice1, choice2, question, label and idx'
+    for key in ("premise", "choice1", "choice2"):
+        if not isinstance(example[key], str):
+            return f'"{key}" must be a string, got {JSON_TYPES[type(example[key])]}'
+    if example["question"] not in ("cause", "effect"):
+        return f'"question" must be "cause" or "effect", got {shown(example["question"])}'
+    if type(example["label"]) is not int or example["label"] not in (0, 1):  # type(): true/false are not labels
+        return f'"label" must be 0 (choice1) or 1 (choice2), got {shown(example["label"])}'
+    return None
+
+
 def to_record(example):
     label = f"choice{example['label'] + 1}"  # label 0 -> choice1
     return {"prompt": TEMPLATE.format(**example), "target": " " + label, "label": label, "id": example["idx"]}
@@ -36,8 +55,8 @@ def to_record(example):
 def prepare(src=None, out=HERE, seed=0, allow_missing_train=False):
     """Write out/{train,dev,test}.jsonl from src (a folder or zip; None downloads the official zip)."""
     src = src or download(URL, Path(out) / "COPA.zip")
-    train = parse_jsonl(read_source(src, "train.jsonl", optional=allow_missing_train))
-    val = parse_jsonl(read_source(src, "val.jsonl"))
+    train = read_jsonl(src, "train.jsonl", problem, optional=allow_missing_train)
+    val = read_jsonl(src, "val.jsonl", problem)
     dev, test = split_off(val, len(val) // 2, seed)
     splits = {"train": train, "dev": dev, "test": test}
     return write_splits(out, {split: [to_record(e) for e in examples] for split, examples in splits.items()})
@@ -52,5 +71,5 @@ if __name__ == "__main__":
                         help="if src has no train.jsonl, write an empty train.jsonl instead of failing")
     try:
         prepare(**vars(parser.parse_args()))
-    except (OSError, ValueError) as e:
+    except UserError as e:  # anything else is a bug, and keeps its traceback
         sys.exit(f"error: {e}")

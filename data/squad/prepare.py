@@ -12,13 +12,13 @@ paper does not say which subset it kept, so all of them are used.
     python data/squad/prepare.py --src ../shared/assets/squad --allow_missing_train  # dev only: test
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import download, read_source, split_off, write_splits
+from data import FIX, download, read_json, split_off, write_splits
+from errors import UserError
 
 URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 FILES = ("train-v1.1.json", "dev-v1.1.json")
@@ -32,14 +32,48 @@ HERE = Path(__file__).resolve().parent
 TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 
 
-def to_records(squad):
+def articles(squad, where):
+    """The articles of an official SQuAD json object (read from `where`, named in errors)."""
+    if not (isinstance(squad, dict) and isinstance(squad.get("data"), list)):
+        raise UserError(f'{where}: expected an object with a "data" array of articles (SQuAD v1.1); {FIX}')
+    return squad["data"]
+
+
+def article_records(article, where):
+    """One record per question of one article, in file order. A malformed question is a UserError naming
+    `where` and the question's id (a malformed article or paragraph, its title and position)."""
+    def malformed(place, problem):
+        return UserError(f"{where}, {place}: {problem}; {FIX}")
+
+    title = article.get("title") if isinstance(article, dict) else None
+    name = f"article {title!r}" if isinstance(title, str) else "an article without a title"
+    if not (isinstance(article, dict) and isinstance(article.get("paragraphs"), list)):
+        raise malformed(name, 'expected an object with a "paragraphs" array')
+    records = []
+    for p, paragraph in enumerate(article["paragraphs"]):
+        place = f"{name}, paragraph {p}"
+        if not (isinstance(paragraph, dict) and isinstance(paragraph.get("context"), str)
+                and isinstance(paragraph.get("qas"), list)):
+            raise malformed(place, 'expected an object with a "context" string and a "qas" array')
+        for q, qa in enumerate(paragraph["qas"]):
+            if not (isinstance(qa, dict) and isinstance(qa.get("id"), str)):
+                raise malformed(f"{place}, question {q}", 'expected an object with an "id" string')
+            if not isinstance(qa.get("question"), str):
+                raise malformed(f"question {qa['id']}", 'missing the "question" string')
+            answers = qa.get("answers")
+            if not (isinstance(answers, list) and answers and all(
+                    isinstance(a, dict) and isinstance(a.get("text"), str) and a["text"].strip() for a in answers)):
+                raise malformed(f"question {qa['id']}", 'needs at least one gold answer, and every answer '
+                                'a non-empty "text" string: "answers": [{"text": "...", "answer_start": 0}]')
+            answers = [a["text"] for a in answers]
+            prompt = TEMPLATE.format(context=paragraph["context"].strip(), question=qa["question"].strip())
+            records.append({"prompt": prompt, "target": " " + answers[0].strip(), "answers": answers, "id": qa["id"]})
+    return records
+
+
+def to_records(squad, where):
     """One record per question of an official SQuAD json object, in file order."""
-    for article in squad["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = [a["text"] for a in qa["answers"]]
-                prompt = TEMPLATE.format(context=paragraph["context"].strip(), question=qa["question"].strip())
-                yield {"prompt": prompt, "target": " " + answers[0].strip(), "answers": answers, "id": qa["id"]}
+    return [record for article in articles(squad, where) for record in article_records(article, where)]
 
 
 def prepare(src=None, out=HERE, seed=0, allow_missing_train=False, n_dev=1000):
@@ -48,11 +82,12 @@ def prepare(src=None, out=HERE, seed=0, allow_missing_train=False, n_dev=1000):
         for name in FILES:
             download(URL + name, Path(out) / name)
         src = out
-    train_text = read_source(src, "train-v1.1.json", optional=allow_missing_train)  # "" if missing: no train, no dev
-    train = list(to_records(json.loads(train_text))) if train_text else []
-    test = list(to_records(json.loads(read_source(src, "dev-v1.1.json"))))
+    train_json, train_where = read_json(src, "train-v1.1.json", optional=allow_missing_train)  # None if missing
+    train = to_records(train_json, train_where) if train_where else []  # no train, no dev
+    test = to_records(*read_json(src, "dev-v1.1.json"))
     if train and len(train) <= n_dev:
-        raise ValueError(f"train has {len(train)} questions; cannot draw a dev set of {n_dev} from it")
+        raise UserError(f"{train_where} has {len(train)} questions; cannot draw a dev set of {n_dev} from it "
+                        "(--n_dev)")
     dev, train = split_off(train, n_dev, seed)
     return write_splits(out, {"train": train, "dev": dev, "test": test})
 
@@ -67,5 +102,5 @@ if __name__ == "__main__":
     parser.add_argument("--n_dev", type=int, default=1000, help="questions moved from train to dev (default: 1000)")
     try:
         prepare(**vars(parser.parse_args()))
-    except (OSError, ValueError) as e:
+    except UserError as e:  # anything else is a bug, and keeps its traceback
         sys.exit(f"error: {e}")
