@@ -27,7 +27,8 @@ from pathlib import Path
 from errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent
-TASKS = {name: DATA_DIR / name for name in ("copa", "boolq", "squad")}  # name -> folder its prepare.py writes
+# name -> the folder its prepare.py writes; a module name cannot hold a hyphen, so squad-small lives in squad_small
+TASKS = {name: DATA_DIR / name.replace("-", "_") for name in ("copa", "boolq", "squad", "squad-small")}
 SPLITS = ("train", "dev", "test")
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true/false", type(None): "null"}
@@ -194,7 +195,7 @@ def prepare_task(name, src=None, seed=0, allow_missing_train=False):
     if name not in TASKS:
         raise _unknown(name)
     folder = TASKS[name]
-    module = name
+    module = name.replace("-", "_")  # the folder's name: squad-small is prepared by data/squad_small/prepare.py
     prepared = all((folder / f"{split}.jsonl").is_file() for split in SPLITS)
     if src is not None:
         print(f"preparing {name} from --src {src}" + (f", replacing the files in {folder}" if prepared else ""))

@@ -19,6 +19,7 @@ import data.copa.prepare  # noqa: E402
 from data.boolq.prepare import prepare as prepare_boolq  # noqa: E402
 from data.copa.prepare import prepare as prepare_copa  # noqa: E402
 from data.squad.prepare import prepare as prepare_squad  # noqa: E402
+from data.squad_small.prepare import prepare as prepare_squad_small  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -77,6 +78,15 @@ def squad_src(tmp_path):
     folder.mkdir()
     (folder / "train-v1.1.json").write_text(json.dumps(squad_json(2, 4, "t")))
     (folder / "dev-v1.1.json.gz").write_bytes(gzip.compress(json.dumps(squad_json(1, 3, "d")).encode()))
+    return folder
+
+
+@pytest.fixture
+def squad_small_src(tmp_path):
+    """A folder with dev-v1.1.json only: 12 articles of 5 questions, ids d<article>-<question>."""
+    folder = tmp_path / "squad_small_src"
+    folder.mkdir()
+    (folder / "dev-v1.1.json").write_text(json.dumps(squad_json(12, 5, "d")))
     return folder
 
 
@@ -212,6 +222,59 @@ def test_prepare_script_reports_a_missing_file_without_a_traceback(copa_src, tmp
     assert "train.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 # -----------------------------------------------------------------------------
+# squad-small: train, dev and test from the official dev file, split by article
+
+def ids_by_split(folder):
+    return {split: [r["id"] for r in data.load_split(folder, split)] for split in data.SPLITS}
+
+
+def article_of(question_id):
+    return question_id.split("-")[0]  # "d7-3" -> "d7"
+
+
+def test_squad_small_splits_share_no_article(squad_small_src, tmp_path):
+    ids = ids_by_split(prepare_squad_small(squad_small_src, tmp_path / "out", n_test=11, n_dev=6))
+    articles = {split: {article_of(i) for i in split_ids} for split, split_ids in ids.items()}
+    assert not articles["train"] & articles["dev"] and not articles["train"] & articles["test"]
+    assert not articles["dev"] & articles["test"]
+
+
+def test_squad_small_gives_whole_articles_to_test_then_dev_until_each_holds_its_minimum(squad_small_src, tmp_path):
+    # 5 questions an article: at least 11 test questions take 3 articles, at least 6 dev questions 2, 7 are left
+    out = prepare_squad_small(squad_small_src, tmp_path / "out", n_test=11, n_dev=6)
+    assert sizes(out) == {"train": 35, "dev": 10, "test": 15}
+
+
+def test_squad_small_uses_every_question_once_as_the_squad_task_writes_it(squad_small_src, tmp_path):
+    out = prepare_squad_small(squad_small_src, tmp_path / "out", n_test=11, n_dev=6)
+    written = [r for split in data.SPLITS for r in data.load_split(out, split)]
+    source = json.loads((squad_small_src / "dev-v1.1.json").read_text())
+    expected = data.squad.prepare.to_records(source, "dev-v1.1.json")
+    assert sorted(written, key=lambda r: r["id"]) == sorted(expected, key=lambda r: r["id"])
+
+
+def test_squad_small_is_the_same_for_a_seed_and_different_for_another(squad_small_src, tmp_path):
+    def run(name, seed):
+        return file_bytes(prepare_squad_small(squad_small_src, tmp_path / name, seed=seed, n_test=11, n_dev=6))
+    assert run("a", 0) == run("b", 0)
+    assert run("c", 1)["test"] != run("a", 0)["test"]
+
+
+def test_squad_small_shuffles_train_and_keeps_dev_and_test_in_file_order(squad_small_src, tmp_path):
+    ids = ids_by_split(prepare_squad_small(squad_small_src, tmp_path / "out", n_test=11, n_dev=6))
+    file_order = [f"d{a}-{q}" for a in range(12) for q in range(5)]
+    for split in ("dev", "test"):
+        assert ids[split] == [i for i in file_order if i in ids[split]]
+    assert ids["train"] != [i for i in file_order if i in ids["train"]]
+    assert len({article_of(i) for i in ids["train"][:5]}) > 1  # a prefix samples several articles
+
+
+def test_squad_small_with_too_few_questions_names_the_options(squad_small_src, tmp_path):
+    with pytest.raises(UserError, match="60 questions in 12 articles.*--n_test.*--n_dev"):
+        prepare_squad_small(squad_small_src, tmp_path / "out", n_test=50, n_dev=20)
+    assert not (tmp_path / "out").exists()
+
+# -----------------------------------------------------------------------------
 # source files checked before anything is written: errors name the file, the line and the fix
 
 def copa_val_error(copa_src, tmp_path, row):
@@ -300,7 +363,7 @@ def test_a_corrupt_gzip_source_is_an_error_naming_the_file(tmp_path):
         prepare_squad(tmp_path / "src", tmp_path / "out", allow_missing_train=True)
 
 
-@pytest.mark.parametrize("task", ["copa", "boolq", "squad"])
+@pytest.mark.parametrize("task", ["copa", "boolq", "squad", "squad_small"])
 @pytest.mark.parametrize("src", ["absent", "plain.txt"])
 def test_prepare_script_reports_a_bad_src_in_one_line_without_a_traceback(task, src, tmp_path):
     (tmp_path / "plain.txt").write_text("neither a folder nor a zip")
@@ -348,6 +411,14 @@ def test_prepare_task_from_a_bad_src_keeps_the_files_already_prepared(copa_src, 
         data.prepare_task("copa", src=copa_src)
     assert file_bytes(tmp_path / "copa") == before and sorted(os.listdir(tmp_path / "copa")) == \
         ["dev.jsonl", "test.jsonl", "train.jsonl"]
+
+
+def test_prepare_task_prepares_squad_small_with_its_prepare_script(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.TASKS, "squad-small", tmp_path / "squad_small")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "dev-v1.1.json").write_text(json.dumps(squad_json(48, 30, "d")))
+    assert data.prepare_task("squad-small", src=tmp_path / "src") == tmp_path / "squad_small"
+    assert sizes(tmp_path / "squad_small") == {"train": 120, "dev": 300, "test": 1020}  # 30 questions an article
 
 
 def test_prepare_task_without_network_says_how_to_prepare_from_local_files(tmp_path, monkeypatch):
@@ -524,3 +595,14 @@ def test_assets_squad_official_dev_gives_a_test_set_of_10570(tmp_path):
     assert first["target"] == " Denver Broncos" and first["prompt"].endswith(
         "\nQuestion: Which NFL team represented the AFC at Super Bowl 50?\nAnswer:")
 
+
+def test_assets_squad_small_splits_the_official_dev_file_by_article(tmp_path):
+    out = prepare_squad_small(asset("squad"), tmp_path / "out")
+    ids = ids_by_split(out)
+    squad = json.loads(gzip.decompress((asset("squad") / "dev-v1.1.json.gz").read_bytes()))
+    article = {qa["id"]: a for a, art in enumerate(squad["data"]) for p in art["paragraphs"] for qa in p["qas"]}
+    assert len(ids["test"]) >= 1000 and len(ids["dev"]) >= 300
+    assert sorted(i for split in ids.values() for i in split) == sorted(article)  # all 10,570, each once
+    assert len(article) == 10570
+    articles = [{article[i] for i in split} for split in ids.values()]
+    assert sum(map(len, articles)) == len(set.union(*articles)) == 48
