@@ -51,10 +51,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import adapters
 import baselines
 import generate
-import para
-from model import default_model_path, load
+from adapters import PARA_R
+from model import DTYPES, default_model_path, load, pick_device
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
 TEXT = (
@@ -73,9 +74,7 @@ TEXT = (
     "into motion, and cities around the world are building lanes and parking for it again. Write a short essay on "
     "what the next improvement to the bicycle might be, and explain why it would matter to people who ride every day."
 )
-PARA_R = 12  # the paper's bottleneck
 STRIDE = 17  # tokens between the starts of two prompts of a multi-tenant batch
-NAMES = {None: "base", "para": "PARA", "ia3": "(IA)^3", "lora": "LoRA"}
 
 
 def prompts_from_text(tokenizer, n, length):
@@ -91,14 +90,14 @@ def prompts_from_text(tokenizer, n, length):
 # The models: one set of base weights, shared by every row
 
 
-def with_adapter(base, method, r, n_adapters, randomise, seed):
-    """A copy of `base` that shares its weights (not copied: no memory) and carries a fresh bank of adapters."""
+def with_adapter(base, method, settings, n_adapters, randomise, seed):
+    """A copy of `base` that shares its weights (not copied: no memory) and carries a fresh adapter (or bank)."""
     shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
     model = copy.deepcopy(base, memo=shared)  # new modules around the same tensors; add_adapter then replaces some
     if method is None:
         return model
     torch.manual_seed(seed)  # the adapter's random init (PARA's W_down, LoRA's A): the same in every run
-    para.add_adapter(model, method, r=r, n_adapters=n_adapters)
+    adapters.add_adapter(model, method, n_adapters=n_adapters, **settings)
     if randomise:
         randomise_adapter(model, seed)
     return model
@@ -107,7 +106,8 @@ def with_adapter(base, method, r, n_adapters, randomise, seed):
 @torch.no_grad()
 def randomise_adapter(model, seed):
     """Non-trivial adapter weights, every adapter of a bank different, that keep the text sane: the PARA and
-    (IA)^3 vectors move by some ±5% around 1 (on SmolLM2), LoRA's (alpha/r) B A is 10% of W (Frobenius norm)."""
+    (IA)^3 vectors move by some ±5% around 1 (on SmolLM2), LoRA's and AdaLoRA's update is 10% of W (Frobenius
+    norm), and the Houlsby bottleneck adds about 10% to its sublayer's output."""
     g = torch.Generator().manual_seed(seed)
     noise = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)
     for name, p in model.named_parameters():
@@ -115,21 +115,23 @@ def randomise_adapter(model, seed):
             p.copy_(0.3 * noise(p))
         elif name.endswith("vector_generator.bias") or name.endswith("ia3_vector"):
             p.copy_(1 + 0.05 * noise(p))
+        elif name.endswith("lora_E"):  # AdaLoRA's singular values: every triplet kept
+            p.fill_(1.0)
+        elif name.endswith("houlsby_up"):
+            p.copy_(0.1 * noise(p) / p.shape[-1] ** 0.5)
     for m in model.modules():
-        if isinstance(m, baselines.LoRALinear):  # A keeps its random init
-            for A, B in zip(m.lora_A, m.lora_B):
-                B.copy_(noise(B))
-                B.mul_(0.1 * m.weight.float().norm() / (m.scaling * (B.float() @ A.float()).norm()))
+        if isinstance(m, baselines.LoRALinear):  # and AdaLoRA; A keeps its random init
+            B = m.lora_B if m.lora_B.ndim == 3 else m.lora_B[None]  # (n, out, r): a bank's n adapters, or one
+            B.copy_(noise(B))
+            A = (m.lora_E * m.lora_A) if hasattr(m, "lora_E") else m.lora_A
+            A = A if A.ndim == 3 else A[None]
+            size = (m.scaling * B.float() @ A.float()).flatten(1).norm(dim=1)  # (n,) the norm of each update
+            B.mul_((0.1 * m.weight.float().norm() / size)[:, None, None])
 
 
 def tensor_bytes(tensors):
     """Bytes of distinct tensors (a tied embedding and LM head count once)."""
     return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
-
-
-def lora_rank_matching_para(args):
-    """The LoRA rank (on wq, wv) whose parameter count is closest to PARA's at r = 12."""
-    return max(1, round(para.count_parameters(args, "para", r=PARA_R) / para.count_parameters(args, "lora", r=1)))
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +148,7 @@ def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=N
     device = model.tok_embeddings.weight.device
     sync(device)
     start = time.perf_counter()
-    out = generate.generate(model, tokenizer, prompts, new_tokens, num_beams=num_beams, adapter_ids=adapter_ids,
+    out = generate.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, num_beams=num_beams, adapter_ids=adapter_ids,
                             eos_id=-1)
     sync(device)
     seconds = time.perf_counter() - start
@@ -174,7 +176,6 @@ def peak_mib(model, call, device):
     """Peak MiB of one call: the weights the model uses, plus the most tensor memory held above what was held
     before the call (see the module docstring)."""
     weights = tensor_bytes(itertools.chain(model.parameters(), model.buffers()))
-    para.set_rows(model)  # drop PARA's vectors of the previous call now, not inside the measured call
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -223,31 +224,36 @@ def median_interval(values, confidence=0.95):
 # Sections: each returns rows, one dict per row
 
 
+def methods(s):
+    """name -> (method, settings) of each row: the base model, PARA, and the baselines, LoRA and the Houlsby
+    adapter count-matched to PARA, AdaLoRA at PEFT's initial rank (unmerged, like LoRA)."""
+    return {"base": (None, {}), f"PARA r={PARA_R}": ("para", {"r": PARA_R}), "(IA)^3": ("ia3", {}),
+            f"LoRA r={s.lora_r}": ("lora", {"r": s.lora_r}), "AdaLoRA r=12": ("adalora", {"r": 12}),
+            f"Houlsby m={s.houlsby}": ("houlsby", {"size": s.houlsby})}
+
+
 def table4(base, tokenizer, s, device):
-    """The paper's Table 4: one prompt, beam 1 and 3, base / PARA / (IA)^3 / LoRA, tokens/s and peak memory."""
+    """The paper's Table 4: one prompt, beam 1 and 3, every method, tokens/s and peak memory."""
     prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
-    methods = {None: {}, "para": {"r": PARA_R}, "ia3": {}, "lora": {"r": s.lora_r}}
-    models = {m: with_adapter(base, m, kw.get("r"), 1, not s.init, seed=1) for m, kw in methods.items()}
-    jobs = {(m, beams): (lambda m=m, beams=beams: run_generate(models[m], tokenizer, prompt, beams, s.new_tokens))
-            for beams in (1, 3) for m in methods}
+    models = {name: with_adapter(base, m, kw, 1, not s.init, seed=1) for name, (m, kw) in methods(s).items()}
+    jobs = {(name, beams): (lambda name=name, beams=beams: run_generate(models[name], tokenizer, prompt, beams,
+                                                                        s.new_tokens))
+            for beams in (1, 3) for name in models}
     warm_up(jobs)
     memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
     results = interleaved(jobs, s.runs)
+    para = f"PARA r={PARA_R}"
     rows = []
-    for m, beams in jobs:
-        runs, ref = results[m, beams], results[None, beams]
-        adapter = tensor_bytes(para.adapter_state_dict(models[m]).values()) if m else 0
+    for name, beams in jobs:
+        runs, ref, ours = results[name, beams], results["base", beams], results[para, beams]
+        tensors = adapters.adapter_state_dict(models[name]).values()
         rows.append({
-            "section": "table4", "method": NAMES[m] + (f" r={methods[m]['r']}" if "r" in methods[m] else ""),
-            "adapter params": sum(t.numel() for t in para.adapter_state_dict(models[m]).values()) if m else 0,
-            "beams": beams,
-            "tokens/s": rate(runs, s.new_tokens, 1), "/ base": speedup(runs, ref),
-            "/ (IA)^3": speedup(runs, results["ia3", beams]),
-            "95% CI": {"/ base": median_interval(ratios(runs, ref)),
-                       "/ (IA)^3": median_interval(ratios(runs, results["ia3", beams]))},
+            "section": "table4", "method": name, "adapter params": sum(t.numel() for t in tensors), "beams": beams,
+            "tokens/s": rate(runs, s.new_tokens, 1), "/ base": speedup(runs, ref), "PARA / it": speedup(ours, runs),
+            "95% CI": {"/ base": median_interval(ratios(runs, ref)), "PARA / it": median_interval(ratios(ours, runs))},
             "decode tok/s": rate(runs, s.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
-            "peak MiB": memory[m, beams], "adapter MiB": adapter / 2**20,
-            "peak - base - adapter MiB": memory[m, beams] - memory[None, beams] - adapter / 2**20,
+            "peak MiB": memory[name, beams], "adapter MiB": tensor_bytes(tensors) / 2**20,
+            "peak - base - adapter MiB": memory[name, beams] - memory["base", beams] - tensor_bytes(tensors) / 2**20,
             "= base tokens": runs[-1][0] == ref[-1][0], "tokens": runs[-1][0], "seconds": [r[1] for r in runs]})
     return rows
 
@@ -255,29 +261,25 @@ def table4(base, tokenizer, s, device):
 def multi_tenant(base, tokenizer, s, device):
     """One batch of different prompts, greedy: each method with one adapter for all rows, and with one per row."""
     prompts = prompts_from_text(tokenizer, s.batch, s.prompt_len)
-    models, ids = {("base", 1): with_adapter(base, None, None, 1, False, 0)}, {}
-    for m, r in (("para", PARA_R), ("ia3", None), ("lora", s.lora_r)):
-        for n in (1, s.batch):
-            models[m, n] = with_adapter(base, m, r, n, not s.init, seed=2)
-            ids[m, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
-    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids.get(key)))
+    models, ids = {}, {}
+    for name, (m, settings) in methods(s).items():
+        for n in ((1,) if m is None else (1, s.batch)):
+            models[name, n] = with_adapter(base, m, settings, n, not s.init, seed=2)
+            ids[name, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
+    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids[key]))
             for key in models}
     warm_up(jobs)
     results = interleaved(jobs, s.runs)
-    n_tokens = s.batch * s.new_tokens
+    n_tokens, para = s.batch * s.new_tokens, f"PARA r={PARA_R}"
     rows = []
-    for (m, n), runs in results.items():
-        one = results[m, 1]
+    for (name, n), runs in results.items():
+        one, ours = results[name, 1], results[para, n if name != "base" else 1]
         rows.append({
-            "section": "multitenant", "method": NAMES.get(m, m), "adapters": n if m != "base" else 0,
-            "batch": s.batch,
+            "section": "multitenant", "method": name, "adapters": n if name != "base" else 0, "batch": s.batch,
             "tokens/s": rate(runs, n_tokens, 1), "/ base": speedup(runs, results["base", 1]),
-            "/ one adapter": speedup(runs, one) if m != "base" else None,
-            "/ LoRA": speedup(runs, results["lora", n]) if m != "base" else None,
-            "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2),
-            "decode / one adapter": speedup(runs, one, 2) if m != "base" else None,
-            "95% CI": {"/ one adapter": median_interval(ratios(runs, one)),
-                       "/ LoRA": median_interval(ratios(runs, results["lora", n]))} if m != "base" else {},
+            "/ one adapter": speedup(runs, one), "PARA / it": speedup(ours, runs),
+            "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2), "decode / one adapter": speedup(runs, one, 2),
+            "95% CI": {"/ one adapter": median_interval(ratios(runs, one)), "PARA / it": median_interval(ratios(ours, runs))},
             "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0],
             "seconds": [r[1] for r in runs]})
     return rows
@@ -365,20 +367,28 @@ def claims(rows):
         return next(r for r in rows if r["section"] == section and all(r.get(k) == v for k, v in where.items()))
 
     out = []  # (claim, row, key of the ratio, comparison, target)
+    para = f"PARA r={PARA_R}"
+    # PARA costs one elementwise multiply per scaled projection: as little as (IA)^3 (within 2%), less than an
+    # unmerged low-rank product (LoRA, AdaLoRA) or a bottleneck (Houlsby)
+    target = lambda method: (">=", 0.97) if method == "base" else (">=", 0.98) if method == "(IA)^3" else (">", 1.0)
     if any(r["section"] == "table4" for r in rows):
         for beams in (1, 3):
-            p = find("table4", method=f"PARA r={PARA_R}", beams=beams)
-            out.append((f"PARA / base tokens/s, beam {beams}", p, "/ base", ">=", 0.97))
-            out.append((f"PARA / (IA)^3 tokens/s, beam {beams}", p, "/ (IA)^3", ">=", 0.98))
+            for r in [r for r in rows if r["section"] == "table4" and r["beams"] == beams and r["method"] != para]:
+                if r["method"] == "base":
+                    out.append((f"PARA / base tokens/s, beam {beams}", find("table4", method=para, beams=beams),
+                                "/ base", *target("base")))
+                else:
+                    out.append((f"PARA / {r['method']} tokens/s, beam {beams}", r, "PARA / it", *target(r["method"])))
             # what PARA holds beyond its adapter: B x (d_q + d_kv + d_ffn) vectors per layer, a fraction of a MiB
-            base_peak = find("table4", method="base", beams=beams)["peak MiB"]
+            p, base_peak = find("table4", method=para, beams=beams), find("table4", method="base", beams=beams)["peak MiB"]
             memory = {"above base": p["peak - base - adapter MiB"] / base_peak}
             out.append((f"PARA peak memory - base - adapter, / base, beam {beams}", memory, "above base", "<", 0.01))
     if any(r["section"] == "multitenant" for r in rows):
         n = max(r["adapters"] for r in rows if r["section"] == "multitenant")
-        p = find("multitenant", method="PARA", adapters=n)
-        out.append((f"PARA / LoRA tokens/s, {n} adapters in one batch", p, "/ LoRA", ">", 1.0))
-        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", p, "/ one adapter", ">=", 0.95))
+        for r in [r for r in rows if r["section"] == "multitenant" and r["adapters"] == n and r["method"] != para]:
+            out.append((f"PARA / {r['method']} tokens/s, {n} adapters in one batch", r, "PARA / it", *target(r["method"])))
+        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", find("multitenant", method=para, adapters=n),
+                    "/ one adapter", ">=", 0.95))
     for name, at_least in (("greedy", 1.3), ("beam 3", 1.5)):
         if any(r.get("measurement") == name for r in rows):
             out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">=", at_least))
@@ -431,8 +441,7 @@ def main(argv=None):
     parser.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder or .gguf file "
                         "(default: the small SmolLM2-135M GGUF)")
     parser.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on cuda, float32 on the cpu")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 on the cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--runs", "--repeats", dest="runs", type=int, help="timed runs per row (default: 100 on "
                         "cuda, 5 on the cpu)")
@@ -450,16 +459,15 @@ def main(argv=None):
     unknown = set(sections) - set(TITLES)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
-    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if s.device == "auto" else s.device)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = auto if s.dtype == "auto" else getattr(torch, s.dtype)
+    device = pick_device(s.device)
+    dtype = DTYPES[s.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     s.runs = s.runs or (100 if device.type == "cuda" else 5)
     torch.set_num_threads(s.threads)
 
     path = s.model or default_model_path()
     base, tokenizer = load(path, device=device, dtype=dtype)
-    s.lora_r = s.lora_r or lora_rank_matching_para(base.args)
+    s.lora_r = s.lora_r or adapters.size_matching_para(base.args, "lora")
+    s.houlsby = adapters.size_matching_para(base.args, "houlsby")
     hf, hf_note = None, None
     if "hf" in sections:
         try:
@@ -487,7 +495,7 @@ def main(argv=None):
 
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
                "threads": torch.get_num_threads(), "runs": s.runs, "prompt_len": s.prompt_len,
-               "new_tokens": s.new_tokens, "batch": s.batch, "para_r": PARA_R, "lora_r": s.lora_r,
+               "new_tokens": s.new_tokens, "batch": s.batch, "para_r": PARA_R, "lora_r": s.lora_r, "houlsby": s.houlsby,
                "lora_targets": ["wq", "wv"], "adapters": "init" if s.init else "random", "torch": torch.__version__,
                "cpu": cpu_name(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

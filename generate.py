@@ -9,7 +9,7 @@ Every prompt of a batch is left-padded to the longest one, so that all rows end 
 next token of every row is read from the last position. The model masks the padding and counts each row's
 positions from its first real token (model.Transformer.forward, pad_len), so a prompt generates the same
 tokens in a batch as alone. Left padding is also what PARA needs: the prefill's last position is every row's
-last prompt token, from which the vector generator computes that row's vectors (para.set_rows).
+last prompt token, from which the vector generator computes that row's vectors (para.PARABlock).
 
 A generation is one prefill (one forward over all prompts, which fills the cache and, under PARA, computes
 the vectors) followed by decode steps of one token per row, which only read the cache (gpt-fast's split).
@@ -18,32 +18,37 @@ Beam search follows the rules of HF Transformers' beam search (5.x), so that bot
 """
 import argparse
 import json
-import os
+import math
 import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-import para
+import adapters
 from errors import UserError
+from model import DTYPES, load, pick_device
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for up to `batch_size` rows and `max_len` positions.
+    """What each row of a batch carries from one decode step to the next: the keys and values of every layer,
+    preallocated for up to `batch_size` rows and `max_len` positions, each row's left padding and adapter, and
+    PARA's vectors, computed from the prompt at prefill (para.PARABlock).
 
     Each layer holds (batch_size, nkv, max_len, hd); a forward over B rows uses the first B of them. Only the
     nkv key/value heads are stored: attention shares each among nh/nkv query heads after reading.
     """
 
-    def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, device=None, dtype=torch.float32):
+    def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, device=None, dtype=torch.float32,
+                 pad_len=None, adapter_ids=None):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.len = 0  # positions written so far, the same in every row
+        self.pad_len, self.adapter_ids = pad_len, adapter_ids  # (B,) or None, for model.Transformer.forward
+        self.vectors = {}  # layer id -> PARA's (l_q, l_v, l_u) of each row, each (B, 1, size)
 
     def update(self, layer_id, start_pos, k, v):
         """Write k, v (B, nkv, T, hd) at [start_pos, start_pos+T) of rows [0, B); return views of [0, start_pos+T)."""
@@ -53,15 +58,22 @@ class KVCache:
         self.len = end
         return self.k[layer_id][:B, :, :end], self.v[layer_id][:B, :, :end]
 
-    def reorder(self, index, start=0):
-        """Row index[i] becomes row i (index: LongTensor (B',), B' <= batch_size), in place.
+    def reorder(self, rows, start=0):
+        """Row rows[i] becomes row i, in place (rows: a list of B' <= batch_size row numbers).
 
         Beam search follows its surviving beams with this, and generation drops its finished rows. Only the
-        written positions [start, len) are moved: a caller passes start > 0 when every row already holds the
-        right values before `start` (the beams of one prompt share that prompt's keys and values).
+        written positions [start, len) are moved: a caller passes start > 0 when every row already holds the right
+        values before `start` and the right per-row state (the beams of one prompt share that prompt's keys and
+        values, its padding, its adapter and its vectors).
         """
-        for cache in self.k + self.v:
-            cache[: len(index), :, start : self.len] = cache[:, :, start : self.len].index_select(0, index)
+        index = torch.tensor(rows, device=self.k[0].device)
+        if rows != list(range(len(rows))):  # dropping the last rows moves no key or value: later calls use fewer
+            for cache in self.k + self.v:
+                cache[: len(rows), :, start : self.len] = cache[:, :, start : self.len].index_select(0, index)
+        if start == 0:
+            select = lambda t: None if t is None else t.index_select(0, index)
+            self.pad_len, self.adapter_ids = select(self.pad_len), select(self.adapter_ids)
+            self.vectors = {layer: tuple(map(select, l)) for layer, l in self.vectors.items()}
 
 
 @dataclass
@@ -69,7 +81,7 @@ class Generation:
     tokens: list[int]  # the generated ids, EOS excluded
     text: str  # their decoding, cut before the first stop string
     seconds: float  # the whole batch's time: prefill and decoding
-    prefill_seconds: float  # the prefill and the choice of the first token
+    prefill_seconds: float  # the prefill's time
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,17 +92,18 @@ class Generation:
 # One forward each
 
 
-def prefill(model, tokens, pad_len, cache):
+def prefill(model, tokens, cache):
     """One forward over the left-padded prompts (B, T) at start_pos 0; logits (B, vocab) of each row's next token."""
-    return model(tokens, 0, pad_len=pad_len, cache=cache, last_only=True)[:, -1]
+    out = model(tokens, 0, pad_len=cache.pad_len, cache=cache, last_only=True, adapter_ids=cache.adapter_ids)
+    return out[:, -1]
 
 
-def decode_step(model, token, pos, pad_len, cache):
+def decode_step(model, token, pos, cache):
     """Feed one token per row (B,) at cache position pos; logits (B, vocab) of each row's next token."""
-    return model(token[:, None], pos, pad_len=pad_len, cache=cache)[:, -1]
+    return model(token[:, None], pos, pad_len=cache.pad_len, cache=cache, adapter_ids=cache.adapter_ids)[:, -1]
 
 
-def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Next token of each row (B,) from logits (B, vocab): the argmax at temperature 0, else a draw
     from softmax(logits / temperature) restricted to the top_k tokens and to the top_p probability mass."""
     if temperature == 0:
@@ -123,15 +136,27 @@ def left_pad(prompts, pad_id, device):
     return tokens.to(device), (torch.tensor(pad, device=device) if any(pad) else None)
 
 
-def check_prompts(prompts, max_new_tokens, max_seq_len):
-    """Refuse what the model cannot do, with a message that says what to change."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+def check_generation(prompts, *, max_new_tokens, max_seq_len, temperature, top_k, top_p, num_beams, length_penalty,
+                     early_stopping, stop):
+    """Refuse what cannot be generated, with a message that says what to change."""
+    if max_new_tokens < 1 or num_beams < 1:
+        raise UserError(f"max_new_tokens and num_beams must be at least 1, got {max_new_tokens} and {num_beams}")
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise UserError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got temperature "
+                        f"{temperature}, top_p {top_p}, top_k {top_k}")
+    if num_beams > 1 and temperature > 0:
+        raise UserError("beam search here is deterministic: use temperature 0 with num_beams > 1")
+    if not math.isfinite(length_penalty):
+        raise UserError(f"length_penalty must be a finite number, got {length_penalty}")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise UserError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if stop and not all(stop):
+        raise UserError("a stop string must not be empty: every text contains the empty string")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise UserError(f"prompt {i} is empty: give at least one token")
         if len(p) + max_new_tokens > max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens that is {len(p) + max_new_tokens}, "
                 f"more than the model's context of {max_seq_len}: shorten the prompt, ask for fewer new tokens, "
                 "or truncate the prompt from the left (--truncate)"
@@ -145,7 +170,7 @@ def cut_at_stop(text, stop):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
              num_beams=1, length_penalty=1.0, early_stopping=False, stop=None, seed=None, adapter_ids=None,
              eos_id=None, stream=None) -> list[Generation]:
     """Continue each prompt (a list of token ids); all prompts form one left-padded batch.
@@ -154,56 +179,46 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens=256, tem
     num_beams > 1 is beam search (greedy only), with HF's length_penalty and early_stopping (True, False, "never").
     A row stops at EOS (eos_id, default: the tokenizer's; -1: never), at max_new_tokens, or at a stop string:
     its tokens then include those of the stop string, its text is cut before it.
-    adapter_ids (B,) pick each row's adapter from the bank of para.load_adapter (None: adapter 0, if any).
+    adapter_ids (B,) pick each row's adapter from a bank (adapters.load_adapter of several files).
     stream(i, token) is called with every new token of prompt i as soon as it is chosen (not with beam search).
     """
-    check_prompts(prompts, max_new_tokens, model.args.max_seq_len)
-    if num_beams > 1 and temperature > 0:
-        raise ValueError("beam search here is deterministic: use temperature 0 with num_beams > 1")
-    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    check_generation(prompts, max_new_tokens=max_new_tokens, max_seq_len=model.args.max_seq_len,
+                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                     length_penalty=length_penalty, early_stopping=early_stopping, stop=stop)
     eos_id = tokenizer.eos_id if eos_id is None else eos_id
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     tokens, pad_len = left_pad(prompts, tokenizer.pad_id, device)
     B, T0 = tokens.shape
-    args = model.args
-    cache = KVCache(args.n_layers, B * num_beams, T0 + max_new_tokens, args.n_kv_heads, args.head_dim, device, dtype)
+    a = model.args
+    cache = KVCache(a.n_layers, B * num_beams, T0 + max_new_tokens, a.n_kv_heads, a.head_dim, device, dtype,
+                    pad_len=pad_len, adapter_ids=adapters.check_adapter_ids(model, adapter_ids))
 
-    def hits_stop(ids):
+    def ends(ids):  # a stop string in the text of ids
         return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
 
     start = time.perf_counter()
-    para.set_rows(model, adapter_ids)  # PARA computes each row's vectors during the prefill below
-    logits = prefill(model, tokens, pad_len, cache)  # (B, vocab)
+    logits = prefill(model, tokens, cache)  # (B, vocab); PARA computes each row's vectors here
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that the clock reads the prefill's end, not its launch
+    prefill_seconds = time.perf_counter() - start
     if num_beams > 1:
-        outputs, prefill_end = beam_search(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_stop,
-                                           num_beams, length_penalty, early_stopping)
+        outputs = beam_search(model, logits, cache, T0=T0, max_new_tokens=max_new_tokens, eos_id=eos_id, ends=ends,
+                              num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
     else:
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        outputs, prefill_end = sample_tokens(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_stop,
-                                             temperature, top_k, top_p, generator, stream)
+        outputs = sample_tokens(model, logits, cache, T0=T0, max_new_tokens=max_new_tokens, eos_id=eos_id, ends=ends,
+                                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, stream=stream)
     seconds = time.perf_counter() - start
-    return [Generation(ids, cut_at_stop(tokenizer.decode(ids), stop), seconds, prefill_end - start) for ids in outputs]
+    return [Generation(ids, cut_at_stop(tokenizer.decode(ids), stop), seconds, prefill_seconds) for ids in outputs]
 
 
-def keep_rows(model, cache, rows, start=0):
-    """Keep batch rows `rows` (a list), in that order, in the cache and in the adapters' per-row state."""
-    index = torch.tensor(rows, device=cache.k[0].device)
-    if rows != list(range(len(rows))):  # dropping the last rows moves nothing: the next forward just uses fewer
-        cache.reorder(index, start)
-    if start == 0:  # the adapters' per-row state comes from the prompt: with start > 0 every row already holds it
-        para.reorder_rows(model, index)  # (skipping it saves about 1-2 ms per beam step, a walk over all modules)
-    return index
-
-
-def sample_tokens(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_stop,
-                  temperature, top_k, top_p, generator, stream):
-    """Greedy or sampled decoding of every row; finished rows leave the batch. Returns (ids per prompt, prefill end)."""
+def sample_tokens(model, logits, cache, *, T0, max_new_tokens, eos_id, ends, temperature, top_k, top_p, generator,
+                  stream):
+    """Greedy or sampled decoding of every row; finished rows leave the batch. Returns the new ids of each prompt."""
     outputs = [[] for _ in range(logits.shape[0])]
     rows = list(range(logits.shape[0]))  # the prompt of each batch row
-    prefill_end = None
     for step in range(max_new_tokens):
-        next_token = sample(logits, temperature, top_k, top_p, generator)  # (R,)
+        next_token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (R,)
         running = []  # batch rows that go on
         for r, token in enumerate(next_token.tolist()):  # the one host sync of a step
             if token == eos_id:
@@ -211,21 +226,18 @@ def sample_tokens(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hit
             outputs[rows[r]].append(token)
             if stream:
                 stream(rows[r], token)
-            if not hits_stop(outputs[rows[r]]):
+            if not ends(outputs[rows[r]]):
                 running.append(r)
-        prefill_end = prefill_end or time.perf_counter()
         if not running or step == max_new_tokens - 1:
             break
         if len(running) < len(rows):  # some rows finished: drop them rather than compute them on
-            index = keep_rows(model, cache, running)
-            next_token, rows = next_token[index], [rows[r] for r in running]
-            pad_len = pad_len[index] if pad_len is not None else None
-        logits = decode_step(model, next_token, T0 + step, pad_len, cache)
-    return outputs, prefill_end
+            cache.reorder(running)
+            next_token, rows = next_token[torch.tensor(running, device=next_token.device)], [rows[r] for r in running]
+        logits = decode_step(model, next_token, T0 + step, cache)
+    return outputs
 
 
-def beam_search(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_stop,
-                num_beams, length_penalty, early_stopping):
+def beam_search(model, logits, cache, *, T0, max_new_tokens, eos_id, ends, num_beams, length_penalty, early_stopping):
     """Beam search, one independent search per prompt, by HF Transformers' rules:
 
     - Each step, every running beam is extended by every token, and the 2*num_beams best extensions of a prompt
@@ -248,36 +260,22 @@ def beam_search(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_
     finished = [[] for _ in range(n_prompts)]  # (score, tokens) of the best finished hypotheses, best first
     searching = list(range(n_prompts))  # prompts not done, in batch order; each has len(beams[p]) consecutive rows
     beam_logp = torch.zeros(n_prompts, device=logits.device)  # (R,) sum of log-probs of each row's beam
-    prefill_end = None
     for step in range(max_new_tokens):
         n = len(beams[searching[0]])  # beams per prompt: 1 after the prefill, num_beams after
         length = step + 1  # new tokens in a hypothesis that ends with this step's token
         logp = F.log_softmax(logits, dim=-1) + beam_logp[:, None]  # (R, V) a beam's log-prob + its next token's
         top_logp, top_index = logp.view(len(searching), n * V).topk(2 * num_beams)  # (P, 2nb), best first
         # the score each candidate would have if it ended here, and the best score it could reach by running on
-        score_if_ended = top_logp / length ** length_penalty
         best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
-        best_possible = top_logp / best_len ** length_penalty
-        top_logp, score_if_ended, best_possible = torch.stack([top_logp, score_if_ended, best_possible]).tolist()
-        top_index = top_index.tolist()  # the .tolist() above was the step's host sync: this copy waits for nothing
-        prefill_end = prefill_end or time.perf_counter()
-
+        candidates = torch.stack([top_logp, top_logp / length ** length_penalty, top_logp / best_len ** length_penalty])
+        candidates = candidates.tolist()  # the step's one host sync
+        top_index = top_index.tolist()
         next_rows, next_tokens, next_logp, still_searching = [], [], [], []
         for i, p in enumerate(searching):
-            running = []  # (row, token, sum of log-probs, tokens) of the beams that go on
-            bound = None  # best_possible of the best running candidate
-            for j in range(2 * num_beams):
-                beam, token = divmod(top_index[i][j], V)
-                tokens = beams[p][beam] + [token]
-                if token == eos_id or length == max_new_tokens or hits_stop(tokens):
-                    if j < num_beams:  # lower candidates only stand by, in case the top ones all end
-                        finished[p] = sorted(finished[p] + [(score_if_ended[i][j], tokens)], key=lambda h: -h[0])
-                        finished[p] = finished[p][:num_beams]
-                elif len(running) < num_beams:
-                    running.append((i * n + beam, token, top_logp[i][j], tokens))
-                    bound = best_possible[i][j] if bound is None else bound
-            full = len(finished[p]) == num_beams
-            if length == max_new_tokens or (full and (early_stopping is True or bound <= finished[p][-1][0])):
+            running = step_one_prompt(beams[p], finished[p], [c[i] for c in candidates], top_index[i], V=V,
+                                      first_row=i * n, length=length, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                      ends=ends, num_beams=num_beams, early_stopping=early_stopping)
+            if running is None:
                 continue  # done: the prompt leaves the batch
             still_searching.append(p)
             beams[p] = [tokens for _, _, _, tokens in running]
@@ -286,19 +284,42 @@ def beam_search(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_
         if not still_searching:
             break
         if next_rows != list(range(logp.shape[0])):
-            # the beams of one prompt share its keys and values up to T0; only a change of rows per prompt
-            # (1 -> num_beams after the prefill, or a prompt leaving) needs those positions moved too
+            # the beams of one prompt share its keys and values up to T0 (and its per-row state): only a change of
+            # rows per prompt (1 -> num_beams after the prefill, or a prompt leaving) needs those moved too
             same_groups = n == num_beams and still_searching == searching
-            index = keep_rows(model, cache, next_rows, start=T0 if same_groups else 0)
-            pad_len = pad_len[index] if pad_len is not None else None
+            cache.reorder(next_rows, start=T0 if same_groups else 0)
         searching = still_searching
         beam_logp = torch.tensor(next_logp, device=logits.device)
-        logits = decode_step(model, torch.tensor(next_tokens, device=logits.device), T0 + step, pad_len, cache)
+        logits = decode_step(model, torch.tensor(next_tokens, device=logits.device), T0 + step, cache)
     outputs = []
     for hypotheses in finished:
         tokens = hypotheses[0][1]
         outputs.append(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
-    return outputs, prefill_end
+    return outputs
+
+
+def step_one_prompt(beams, finished, candidates, top_index, *, V, first_row, length, max_new_tokens, eos_id, ends,
+                    num_beams, early_stopping):
+    """One beam-search step of one prompt (beam_search's rules): files its ending candidates into `finished`, in
+    place, and returns its next beams as (row, token, sum of log-probs, tokens), or None when the prompt is done."""
+    sum_logp, score_if_ended, best_possible = candidates  # (2nb,) each, best first
+    running = []
+    bound = None  # best_possible of the best running candidate
+    for j in range(2 * num_beams):
+        beam, token = divmod(top_index[j], V)
+        tokens = beams[beam] + [token]
+        if token == eos_id or length == max_new_tokens or ends(tokens):
+            if j < num_beams:  # lower candidates only stand by, in case the top ones all end
+                finished.append((score_if_ended[j], tokens))
+                finished.sort(key=lambda h: -h[0])
+                del finished[num_beams:]
+        elif len(running) < num_beams:
+            running.append((first_row + beam, token, sum_logp[j], tokens))
+            bound = best_possible[j] if bound is None else bound
+    full = len(finished) == num_beams
+    if length == max_new_tokens or (full and (early_stopping is True or bound <= finished[-1][0])):
+        return None
+    return running
 
 
 # -----------------------------------------------------------------------------
@@ -307,22 +328,31 @@ def beam_search(model, logits, cache, pad_len, T0, max_new_tokens, eos_id, hits_
 
 def read_prompts_file(path):
     """One prompt per line: plain text, or a JSON object {"prompt": ..., "adapter": optional path}."""
-    prompts, adapters = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines, e.g. a trailing newline, are not prompts
-            if line.lstrip().startswith("{"):
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); write one object, or plain text, per line")
-                if not isinstance(item.get("prompt"), str):
-                    raise ValueError(f"{path}:{n}: a JSON line needs a \"prompt\" string")
-                prompts.append(item["prompt"]), adapters.append(item.get("adapter"))
-            else:
-                prompts.append(line.rstrip("\n")), adapters.append(None)
-    return prompts, adapters
+    prompts, adapter_files = [], []
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except OSError as e:
+        raise UserError(f"cannot read --prompts_file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue  # blank lines, e.g. a trailing newline, are not prompts
+        if line.lstrip().startswith("{"):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg}); write one object, or plain text, per line")
+            if not isinstance(item.get("prompt"), str):
+                raise UserError(f"{path}, line {n}: a JSON line needs a \"prompt\" string")
+            if not isinstance(item.get("adapter", ""), str):
+                raise UserError(f"{path}, line {n}: \"adapter\" must be the path of an adapter file, a string")
+            prompts.append(item["prompt"]), adapter_files.append(item.get("adapter"))
+        else:
+            prompts.append(line), adapter_files.append(None)
+    if not prompts:
+        raise UserError(f"--prompts_file {path} holds no prompt: write one per line")
+    return prompts, adapter_files
 
 
 class Printer:
@@ -347,105 +377,91 @@ class Printer:
 
 
 def peak_memory(device):
-    """(MiB, what was measured): allocated GPU memory on CUDA, else the peak resident size of this process."""
+    """(bytes, what was measured): the most GPU memory allocated on CUDA, else the peak resident size of the process."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "peak GPU memory allocated"
+        return torch.cuda.max_memory_allocated(device), "peak GPU memory allocated"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS of the process"
+    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text with LLaMA-2 style models (default: SmolLM2-135M).")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    parser.add_argument("--prompts_file", help='one prompt per line: plain text or {"prompt": ..., "adapter": path}')
-    parser.add_argument("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
-    parser.add_argument("--adapter", help="a PARA / (IA)^3 / LoRA adapter file, for every prompt without its own")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the model's chat format")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); try 0.7 for chat")
-    parser.add_argument("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    parser.add_argument("--seed", type=int, help="seed of the sampler, for a reproducible sample")
-    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (the paper: 3)")
-    parser.add_argument("--length_penalty", type=float, default=1.0, help="beam score = sum logprob / len ** this")
-    parser.add_argument("--early_stopping", default="false", choices=["true", "false", "never"],
-                        help="beam search stops when num_beams hypotheses are done (true), when no better one "
-                             "seems possible (false), or when none is possible (never); as in HF")
-    parser.add_argument("--stop", action="append", help="stop when the completion contains this string; repeatable")
-    parser.add_argument("--truncate", action="store_true", help="cut too long prompts from the left to fit the context")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
-    parser.add_argument("--device", default="auto", help="cuda, mps or cpu (auto: the first available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on cuda, float32 elsewhere")
-    args = parser.parse_args(argv)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with LLaMA-2 style models (default: SmolLM2-135M).")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    p.add_argument("--prompts_file", help='one prompt per line: plain text or {"prompt": ..., "adapter": path}')
+    p.add_argument("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
+    p.add_argument("--adapter", help="an adapter file (train.py's adapter.pt), for every prompt without its own")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the model's chat format")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); try 0.7 for chat")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
+    p.add_argument("--seed", type=int, help="seed of the sampler, for a reproducible sample")
+    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (the paper: 3)")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam score = sum logprob / len ** this")
+    p.add_argument("--early_stopping", default="false", choices=["true", "false", "never"],
+                   help="beam search stops when num_beams hypotheses are done (true), when no better one "
+                        "seems possible (false), or when none is possible (never); as in HF")
+    p.add_argument("--stop", action="append", help="stop when the completion contains this string; repeatable")
+    p.add_argument("--truncate", action="store_true", help="cut too long prompts from the left to fit the context")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, mps or cpu (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 elsewhere")
+    return p, p.parse_args(argv)
 
-    # -- what to generate from, checked before the model is loaded
-    texts, adapters = list(args.prompt), [None] * len(args.prompt)
+
+def read_prompts(args):
+    """The texts to continue and the adapter file of each (or None), checked before the model is loaded."""
+    texts, files = list(args.prompt), [None] * len(args.prompt)
     if args.prompts_file:
-        try:
-            more_texts, more_adapters = read_prompts_file(args.prompts_file)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        texts, adapters = texts + more_texts, adapters + more_adapters
+        more_texts, more_files = read_prompts_file(args.prompts_file)
+        texts, files = texts + more_texts, files + more_files
     if not texts:
-        parser.error("give a prompt: --prompt TEXT (repeatable) or --prompts_file FILE")
+        raise UserError("give a prompt: --prompt TEXT (repeatable) or --prompts_file FILE")
     for i, text in enumerate(texts):
         if not text.strip():
-            parser.error(f"prompt {i} is empty")
-    adapters = [a or args.adapter for a in adapters]
-    if any(adapters) and not all(adapters):
-        parser.error("some prompts have an adapter and some don't: give --adapter PATH for the others")
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        parser.error("--num_beams and --max_new_tokens must be at least 1")
-    if args.num_beams > 1 and args.temperature > 0:
-        parser.error("beam search is deterministic here: drop --temperature, or use --num_beams 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        parser.error("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
+            raise UserError(f"prompt {i} is empty")
+    files = [f or args.adapter for f in files]
+    if any(files) and not all(files):
+        raise UserError("some prompts have an adapter and some don't: give --adapter PATH for the others")
+    return texts, files
 
-    # -- the model, and its adapters (multi-tenant: a bank of distinct files, one id per prompt)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without CUDA
-        parser.error(f"device {args.device!r} is not usable here: {str(e).splitlines()[0]}")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    from model import load
 
-    try:
-        model, tokenizer = load(args.ckpt_dir, device=args.device, dtype=dtype)
-        adapter_ids = None
-        if any(adapters):
-            paths = list(dict.fromkeys(adapters))  # distinct, in order of first use
-            para.load_adapter(model, paths)
-            adapter_ids = [paths.index(a) for a in adapters]
-    except (UserError, OSError, ValueError) as e:
-        parser.error(str(e))
-
-    # -- tokens
-    try:
-        prompts = [tokenizer.format_chat([{"role": "user", "content": t}]) if args.chat else tokenizer.encode(t)
-                   for t in texts]
-    except ValueError as e:  # a base model has no chat format
-        parser.error(str(e))
-    context = model.args.max_seq_len
+def encode(texts, tokenizer, args, context):
+    """Token ids of each text (in the chat format with --chat), cut from the left to fit with --truncate."""
+    prompts = [tokenizer.format_chat([{"role": "user", "content": t}]) if args.chat else tokenizer.encode(t)
+               for t in texts]
     if args.truncate:
         keep = context - args.max_new_tokens
         if keep < 1:
-            parser.error(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context of {context}")
+            raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context of "
+                            f"{context}")
         prompts = [p[-keep:] for p in prompts]
-    try:
-        check_prompts(prompts, args.max_new_tokens, context)
-    except ValueError as e:
-        parser.error(str(e))
+    return prompts
 
-    # -- generation
-    streaming = len(prompts) == 1 and args.num_beams == 1 and not args.json
-    printer = Printer(tokenizer, args.stop) if streaming else None
-    early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    results = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                       args.num_beams, args.length_penalty, early_stopping, args.stop, args.seed, adapter_ids,
-                       stream=printer)
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        texts, files = read_prompts(args)
+        settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                        early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
+                        stop=args.stop)
+        check_generation([[0]], max_seq_len=math.inf, **settings)  # the flags, before the model is loaded
+        device = pick_device(args.device)
+        model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
+        adapter_ids = None
+        if any(files):  # multi-tenant: a bank of the distinct adapter files, one id per prompt
+            paths = list(dict.fromkeys(files))
+            adapters.load_adapter(model, paths)
+            adapter_ids = [paths.index(f) for f in files]
+        prompts = encode(texts, tokenizer, args, model.args.max_seq_len)
+        check_generation(prompts, max_seq_len=model.args.max_seq_len, **settings)
+    except UserError as e:
+        parser.error(str(e))
+    printer = Printer(tokenizer, args.stop) if len(prompts) == 1 and args.num_beams == 1 and not args.json else None
+    results = generate(model, tokenizer, prompts, seed=args.seed, adapter_ids=adapter_ids, stream=printer,
+                       **settings)
     for text, result in zip(texts, results):
         if args.json:
             print(json.dumps({"prompt": text, "completion": result.text, "tokens": result.tokens,
@@ -455,10 +471,10 @@ def main(argv=None):
         else:
             print(f"--- {text}\n{result.text}", flush=True)
     n_tokens, seconds = sum(len(r.tokens) for r in results), results[0].seconds
-    memory, measured = peak_memory(torch.device(args.device))
+    memory, measured = peak_memory(device)
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
           f"(prefill of {sum(map(len, prompts))} prompt tokens: {results[0].prefill_seconds:.2f} s); "
-          f"{measured}: {memory:.0f} MiB", file=sys.stderr if args.json else sys.stdout)
+          f"{measured}: {memory / 2**20:.0f} MiB", file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":

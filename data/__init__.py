@@ -36,8 +36,21 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
 # -----------------------------------------------------------------------------
 # helpers shared by the data/<task>/prepare.py scripts
 
-def _tmp_name(path):
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
+def tmp_name(path):
+    """The temporary file a write of `path` goes to first: same folder, so that os.replace is atomic."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename it over path: a crash at any moment leaves either the old file or the new one.
+    Every file the project writes (splits, adapters, checkpoints, logs of results) goes through here."""
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def download(url, dest):
@@ -46,7 +59,7 @@ def download(url, dest):
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     print(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
@@ -171,7 +184,7 @@ def write_splits(out, splits):
     out.mkdir(parents=True, exist_ok=True)
     tmps = {}
     for split, records in splits.items():
-        tmps[split] = _tmp_name(out / f"{split}.jsonl")
+        tmps[split] = tmp_name(out / f"{split}.jsonl")
         with open(tmps[split], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     for split, tmp in tmps.items():

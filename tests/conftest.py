@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,7 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ASSETS = ROOT.parent / "shared" / "assets"  # real public data, present on the project's machines only
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test models are far too small to share between threads: on a busy 2-core machine two threads are many
+# times slower than one
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -3,33 +3,45 @@ initialisation every method generates the base model's tokens (so the speed rows
 import json
 import shutil
 
+import pytest
 import torch
 
 import bench
 from tiny_llama import GQA, SP_VOCAB, hf_config, random_hf_model, train_sentencepiece
 
 
-def test_bench_reports_every_row_and_methods_at_init_generate_the_base_tokens(tmp_path, capsys):
-    folder = tmp_path / "tiny_hf"  # an HF folder, so that the HF section runs on the same weights too
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """An HF folder, so that the HF section runs on the same weights too."""
+    folder = tmp_path_factory.mktemp("tiny_hf")
     random_hf_model(hf_config(GQA, SP_VOCAB, max_seq_len=64)).save_pretrained(folder)
-    shutil.copy(train_sentencepiece(tmp_path / "sp"), folder / "tokenizer.model")
-    threads = torch.get_num_threads()
+    shutil.copy(train_sentencepiece(tmp_path_factory.mktemp("sp")), folder / "tokenizer.model")
+    return folder
+
+
+def run_bench(folder, capsys, *flags):
+    """bench.main's JSON report on the tiny model: 1 run of everything, prompts of 16 tokens, 4 new tokens."""
     bench.main(["--model", str(folder), "--device", "cpu", "--threads", "1", "--runs", "1", "--prompt_len", "16",
-                "--new_tokens", "4", "--batch", "3", "--init", "--json"])
-    torch.set_num_threads(threads)
-    report = json.loads(capsys.readouterr().out)
+                "--new_tokens", "4", "--batch", "3", "--json", *flags])
+    torch.set_num_threads(1)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_reports_every_row_and_methods_at_init_generate_the_base_tokens(tiny_folder, capsys):
+    report = run_bench(tiny_folder, capsys, "--init")
     rows = report["rows"]
 
     table4 = {(r["method"], r["beams"]): r for r in rows if r["section"] == "table4"}
-    lora_r = report["setting"]["lora_r"]
-    assert set(table4) == {(m, b) for m in ("base", "PARA r=12", "(IA)^3", f"LoRA r={lora_r}") for b in (1, 3)}
+    lora_r, houlsby = report["setting"]["lora_r"], report["setting"]["houlsby"]
+    names = ("base", "PARA r=12", "(IA)^3", f"LoRA r={lora_r}", "AdaLoRA r=12", f"Houlsby m={houlsby}")
+    assert set(table4) == {(m, b) for m in names for b in (1, 3)}
     for (method, beams), row in table4.items():
         assert row["tokens"] == table4["base", beams]["tokens"], (method, beams)
         assert len(row["tokens"][0]) == 4  # EOS off: every method makes exactly new_tokens tokens
         assert row["tokens/s"] > 0 and row["peak MiB"] > row["adapter MiB"] >= 0
 
     tenant = {(r["method"], r["adapters"]): r for r in rows if r["section"] == "multitenant"}
-    assert set(tenant) == {("base", 0)} | {(m, n) for m in ("PARA", "(IA)^3", "LoRA") for n in (1, 3)}
+    assert set(tenant) == {("base", 0)} | {(m, n) for m in names[1:] for n in (1, 3)}
     for key, row in tenant.items():
         assert row["tokens"] == tenant["base", 0]["tokens"], key
         assert len(row["tokens"]) == 3 and all(len(t) == 4 for t in row["tokens"])
@@ -39,7 +51,10 @@ def test_bench_reports_every_row_and_methods_at_init_generate_the_base_tokens(tm
     assert set(hf) == {"greedy", "beam 3"} and all(r["same tokens"] for r in hf.values())
     assert {r["measurement"] for r in rows if r["section"] == "ceiling"} == {
         "ceiling: matrix-vector products only", "bound: our prefill + steps at the ceiling"}
-    assert len(report["claims"]) == 10 and all(c["holds"] in ("yes", "no", "undecided") for c in report["claims"])
+    # per beam: PARA against base and each of 4 baselines, and its memory; 8 adapters: against 4 baselines, and
+    # against one adapter; against HF: greedy and beam 3
+    assert len(report["claims"]) == 2 * 6 + 5 + 2
+    assert all(c["holds"] in ("yes", "no", "undecided") for c in report["claims"])
 
 
 def test_median_interval_is_the_distribution_free_95_percent_interval():
@@ -55,3 +70,13 @@ def test_a_claim_holds_only_when_its_whole_interval_meets_the_target():
         row = {"section": "hf", "measurement": "greedy", "ours / HF": (low + high) / 2, "95% CI": {"ours / HF": [low, high]}}
         return bench.claims([row])[0]["holds"]
     assert (holds(1.31, 1.4), holds(1.2, 1.29), holds(1.25, 1.35)) == ("yes", "no", "undecided")
+
+
+def test_bench_with_its_random_adapters_generates_other_tokens_than_the_base_model(tiny_folder, capsys):
+    # the control for the test above: were no adapter attached, every method would give the base tokens too
+    report = run_bench(tiny_folder, capsys, "--sections", "table4", "--new_tokens", "8")
+    rows = {(r["method"], r["beams"]): r for r in report["rows"]}
+    for beams in (1, 3):
+        assert not rows["PARA r=12", beams]["= base tokens"]  # the vectors really scale the projections
+        assert rows["base", beams]["adapter params"] == 0
+        assert all(r["adapter params"] > 0 for (m, b), r in rows.items() if m != "base" and b == beams)

@@ -6,23 +6,13 @@ import pytest
 import torch
 
 import generate
-import para
+import adapters
 from generate import KVCache, Generation, Printer, decode_step, prefill
 from model import load
 from tiny_llama import WIDE
 
 VOCAB = 96  # "<unk>", "<s>", "</s>" and 93 words
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no parallel region to start at every small op), most of all
-    on a busy machine; the setting is restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +74,7 @@ def test_greedy_matches_hf_generate(tiny):
     hf, model, tokenizer = tiny
     prompts = random_prompts([5, 9, 3, 14, 7])
     eos = likely_eos(model, tokenizer, prompts)
-    ours = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=eos)[0].tokens for p in prompts]
+    ours = [generate.generate(model, tokenizer, [p], max_new_tokens=MAX_NEW, eos_id=eos)[0].tokens for p in prompts]
     theirs = [hf_generate(hf, p, eos, num_beams=1) for p in prompts]
     assert ours == theirs
     assert any(len(t) < MAX_NEW for t in ours), "EOS never happened: the test would not check stopping"
@@ -99,10 +89,10 @@ def test_beam_search_matches_hf_generate(tiny, num_beams, length_penalty, early_
     prompts = random_prompts([5, 9, 3, 14, 7], seed=1)
     eos = likely_eos(model, tokenizer, prompts)
     options = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
-    ours = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=eos, **options)[0].tokens for p in prompts]
+    ours = [generate.generate(model, tokenizer, [p], max_new_tokens=MAX_NEW, eos_id=eos, **options)[0].tokens for p in prompts]
     theirs = [hf_generate(hf, p, eos, **options) for p in prompts]
     assert ours == theirs
-    without_eos = [generate.generate(model, tokenizer, [p], MAX_NEW, eos_id=-1, **options)[0].tokens for p in prompts]
+    without_eos = [generate.generate(model, tokenizer, [p], max_new_tokens=MAX_NEW, eos_id=-1, **options)[0].tokens for p in prompts]
     assert ours != without_eos, "EOS changed no answer: the test would not check how beam search treats it"
 
 
@@ -115,9 +105,9 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny, num_
     _, model, tokenizer = tiny
     prompts = random_prompts([5, 11, 2, 8], seed=2)
     eos = likely_eos(model, tokenizer, prompts)
-    alone = [generate.generate(model, tokenizer, [p], MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
+    alone = [generate.generate(model, tokenizer, [p], max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
              for p in prompts]
-    batch = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, num_beams=num_beams, eos_id=eos)]
+    batch = [g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos)]
     assert batch == alone
     assert len({len(t) for t in alone}) > 1, "all rows ended together: dropping finished rows went untested"
 
@@ -127,15 +117,15 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(tiny
     prompts = random_prompts([6, 3], seed=3)
     tokens, pad_len = generate.left_pad(prompts, 0, "cpu")  # (2, 6), pad_len [0, 3]
     args = model.args
-    cache = KVCache(args.n_layers, 2, 6 + 5, args.n_kv_heads, args.head_dim)
+    cache = KVCache(args.n_layers, 2, 6 + 5, args.n_kv_heads, args.head_dim, pad_len=pad_len)
     with torch.inference_mode():
-        logits = prefill(model, tokens, pad_len, cache)
+        logits = prefill(model, tokens, cache)
         for step in range(5):
             full = model(tokens, pad_len=pad_len)[:, -1]
             torch.testing.assert_close(logits, full, **WIDE)
             next_token = logits.argmax(-1)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            logits = decode_step(model, next_token, 6 + step, pad_len, cache)
+            logits = decode_step(model, next_token, 6 + step, cache)
 
 
 def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
@@ -146,9 +136,9 @@ def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
     index = torch.tensor([2, 0, 2, 1])  # permuted, a row repeated, and more rows than before (3 -> 4)
     with torch.inference_mode():
         model(rows, cache=cache)
-        cache.reorder(index)
+        cache.reorder(index.tolist())
         token = torch.tensor([5, 6, 7, 8])
-        logits = decode_step(model, token, 7, None, cache)
+        logits = decode_step(model, token, 7, cache)
         full = model(torch.cat([rows[index], token[:, None]], dim=1))[:, -1]
     torch.testing.assert_close(logits, full, **WIDE)
 
@@ -160,12 +150,12 @@ def test_reorder_from_a_shared_prefix_moves_only_later_positions(tiny):
     cache = KVCache(args.n_layers, 3, 8, args.n_kv_heads, args.head_dim)
     with torch.inference_mode():
         model(prompt, cache=cache)
-        cache.reorder(torch.tensor([0, 0, 0]))  # three beams of one prompt
+        cache.reorder([0, 0, 0])  # three beams of one prompt
         beams = torch.tensor([[10], [11], [12]])
         model(beams, 5, cache=cache)
-        cache.reorder(torch.tensor([2, 2, 0]), start=5)  # positions 0..4 are the same prompt in every row
+        cache.reorder([2, 2, 0], start=5)  # positions 0..4 are the same prompt in every row
         token = torch.tensor([20, 21, 22])
-        logits = decode_step(model, token, 6, None, cache)
+        logits = decode_step(model, token, 6, cache)
         full = model(torch.cat([prompt.expand(3, 5), beams[[2, 2, 0]], token[:, None]], dim=1))[:, -1]
     torch.testing.assert_close(logits, full, **WIDE)
 
@@ -177,7 +167,7 @@ def test_reorder_from_a_shared_prefix_moves_only_later_positions(tiny):
 def test_sampling_with_the_same_seed_gives_the_same_tokens(tiny):
     _, model, tokenizer = tiny
     prompts = random_prompts([4, 9], seed=6)
-    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, temperature=1.0, seed=123,
+    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=123,
                                                  eos_id=-1)] for _ in range(2)]
     assert runs[0] == runs[1]
 
@@ -185,7 +175,7 @@ def test_sampling_with_the_same_seed_gives_the_same_tokens(tiny):
 def test_sampling_with_another_seed_gives_other_tokens(tiny):
     _, model, tokenizer = tiny
     prompts = random_prompts([4, 9], seed=6)
-    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, temperature=1.5, seed=seed,
+    runs = [[g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, temperature=1.5, seed=seed,
                                                  eos_id=-1)] for seed in (1, 2)]
     assert runs[0] != runs[1]
 
@@ -195,34 +185,34 @@ def test_sampling_with_another_seed_gives_other_tokens(tiny):
 def test_sampling_reduced_to_one_token_is_greedy(tiny, options):
     _, model, tokenizer = tiny
     prompts = random_prompts([4, 9, 6], seed=7)
-    greedy = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, eos_id=-1)]
-    sampled = [g.tokens for g in generate.generate(model, tokenizer, prompts, MAX_NEW, seed=0, eos_id=-1, **options)]
+    greedy = [g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, eos_id=-1)]
+    sampled = [g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=0, eos_id=-1, **options)]
     assert sampled == greedy
 
 
 def test_eos_ends_a_row_and_is_not_returned(tiny):
     _, model, tokenizer = tiny
     prompt = random_prompts([6], seed=8)[0]
-    free = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1)[0].tokens
+    free = generate.generate(model, tokenizer, [prompt], max_new_tokens=MAX_NEW, eos_id=-1)[0].tokens
     eos = free[4]
     first = free.index(eos)  # EOS may come earlier than step 4
-    assert generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=eos)[0].tokens == free[:first]
+    assert generate.generate(model, tokenizer, [prompt], max_new_tokens=MAX_NEW, eos_id=eos)[0].tokens == free[:first]
 
 
 def test_stop_string_ends_generation_and_is_cut_from_the_text(tiny):
     _, model, tokenizer = tiny
     prompt = random_prompts([6], seed=9)[0]
-    free = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1)[0].tokens
+    free = generate.generate(model, tokenizer, [prompt], max_new_tokens=MAX_NEW, eos_id=-1)[0].tokens
     stop = tokenizer.decode([free[5]])  # a word of the completion: the word-level tokenizer joins words by spaces
     first = free.index(free[5])
-    result = generate.generate(model, tokenizer, [prompt], MAX_NEW, eos_id=-1, stop=[stop])[0]
+    result = generate.generate(model, tokenizer, [prompt], max_new_tokens=MAX_NEW, eos_id=-1, stop=[stop])[0]
     assert result.tokens == free[: first + 1]
     assert result.text == tokenizer.decode(free[: first + 1])[: -len(stop)]
 
 
 def test_result_reports_its_speed(tiny):
     _, model, tokenizer = tiny
-    result = generate.generate(model, tokenizer, random_prompts([5]), 4, eos_id=-1)[0]
+    result = generate.generate(model, tokenizer, random_prompts([5]), max_new_tokens=4, eos_id=-1)[0]
     assert isinstance(result, Generation) and len(result.tokens) == 4
     assert 0 < result.prefill_seconds <= result.seconds
     assert result.tokens_per_s == pytest.approx(4 / result.seconds)
@@ -236,22 +226,22 @@ def test_result_reports_its_speed(tiny):
 def adapter_paths(tiny_dir, tmp_path_factory):
     """Two PARA adapter files for the tiny model, with random weights (a fresh adapter would change nothing)."""
     model, _ = load(str(tiny_dir))
-    para.add_adapter(model, "para", r=4, n_adapters=2)
+    adapters.add_adapter(model, "para", n_adapters=2, r=4)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if para.is_adapter_param(name):
+            if adapters.is_adapter_param(name):
                 p.copy_(torch.randn_like(p) * 0.5 + (1 if name.endswith("bias") else 0))
     folder = tmp_path_factory.mktemp("adapters")
     paths = [str(folder / "a.pt"), str(folder / "b.pt")]
     for i, path in enumerate(paths):
-        para.save_adapter(model, path, index=i)
+        adapters.save_adapter(model, path, index=i)
     return paths
 
 
 def with_adapters(tiny_dir, paths):
     model, tokenizer = load(str(tiny_dir))
-    para.load_adapter(model, paths)
+    adapters.load_adapter(model, paths)
     return model, tokenizer
 
 
@@ -260,14 +250,14 @@ def test_rows_with_different_adapters_generate_what_each_adapter_generates_alone
     prompts, adapter_ids = random_prompts([5, 9, 3, 7], seed=10), [0, 1, 1, 0]
     bank, tokenizer = with_adapters(tiny_dir, adapter_paths)
     eos = likely_eos(bank, tokenizer, prompts)
-    batch = [g.tokens for g in generate.generate(bank, tokenizer, prompts, MAX_NEW, num_beams=num_beams,
+    batch = [g.tokens for g in generate.generate(bank, tokenizer, prompts, max_new_tokens=MAX_NEW, num_beams=num_beams,
                                                  adapter_ids=adapter_ids, eos_id=eos)]
     singles = [with_adapters(tiny_dir, [path])[0] for path in adapter_paths]
-    alone = [generate.generate(singles[a], tokenizer, [p], MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
+    alone = [generate.generate(singles[a], tokenizer, [p], max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos)[0].tokens
              for p, a in zip(prompts, adapter_ids)]
     assert batch == alone
     base, _ = load(str(tiny_dir))
-    plain = [g.tokens for g in generate.generate(base, tokenizer, prompts, MAX_NEW, num_beams=num_beams, eos_id=eos)]
+    plain = [g.tokens for g in generate.generate(base, tokenizer, prompts, max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos)]
     assert batch != plain, "the adapters changed nothing: the test would not see a row getting the wrong one"
 
 
@@ -279,7 +269,7 @@ def test_cli_serves_each_prompts_file_line_with_its_own_adapter(tiny_dir, adapte
                             "--json"], capsys)
     assert code == 0
     singles = {a: with_adapters(tiny_dir, [a]) for a in adapter_paths}
-    expected = [generate.generate(*singles[a], [singles[a][1].encode(p)], 6)[0].tokens for p, a in lines]
+    expected = [generate.generate(*singles[a], [singles[a][1].encode(p)], max_new_tokens=6)[0].tokens for p, a in lines]
     assert [json.loads(line)["tokens"] for line in out.splitlines()] == expected
 
 
@@ -363,3 +353,41 @@ def test_streamed_text_is_the_completion_with_whole_characters_and_no_stop_strin
     pieces.append(capsys.readouterr().out)
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == "Un café, 日本語 et un lama 🦙. \n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no prompt"),
+    (b"\n\n", "holds no prompt"),
+    (b"caf\xe9 latin-1\n", "is not UTF-8 text"),
+    (b'{"prompt": "w5", "adapter": 5}\n', '"adapter" must be the path of an adapter file'),
+    (b'{"prompt": 5}\n', 'needs a "prompt" string'),
+    (b'{"prompt": "w5",\n', "line 1: not valid JSON"),
+])
+def test_cli_refuses_a_bad_prompts_file_before_loading_the_model(content, message, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    code, _, err = run_cli(["--ckpt_dir", str(tmp_path / "no_model_here"), "--prompts_file", str(path)], capsys)
+    assert code == 2 and message in err and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "finite temperature"),
+    (["--temperature", "-1"], "finite temperature"),
+    (["--length_penalty", "nan"], "length_penalty must be a finite number"),
+    (["--stop", ""], "a stop string must not be empty"),
+    (["--top_p", "0"], "0 < top_p <= 1"),
+    (["--num_beams", "0"], "at least 1"),
+    (["--num_beams", "3", "--temperature", "0.7"], "beam search here is deterministic"),
+])
+def test_cli_refuses_bad_generation_flags_before_loading_the_model(flags, message, tmp_path, capsys):
+    code, _, err = run_cli(["--ckpt_dir", str(tmp_path / "no_model_here"), "--prompt", "w5", *flags], capsys)
+    assert code == 2 and message in err and "no checkpoint" not in err
+
+
+def test_cli_keeps_the_traceback_of_a_programming_error(tiny_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("an error inside the code, not the user's")
+
+    monkeypatch.setattr(generate, "generate", broken)
+    with pytest.raises(ValueError, match="inside the code"):
+        generate.main(["--ckpt_dir", str(tiny_dir), "--prompt", "w5", "--max_new_tokens", "4"])

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from errors import UserError
 from generate import KVCache
 from model import ModelArgs, RMSNorm, apply_rope, hf_to_meta_rope, rope_table
 from tiny_llama import CONFIGS, GQA, MHA, WIDE, hf_twin, meta_ffn_hidden_dim, meta_to_hf_rope, random_model, wide_model
@@ -77,7 +78,7 @@ def test_the_logit_tolerances_catch_one_key_head_scaled_by_a_thousandth(family):
 def test_logits_match_hf_llama(name):
     params = CONFIGS[name]
     model = random_model(params, VOCAB)
-    hf = hf_twin(params, model)
+    hf = hf_twin(model)
     x = tokens()
     with torch.no_grad():
         assert_close(model(x), hf(x).logits)
@@ -86,7 +87,7 @@ def test_logits_match_hf_llama(name):
 def test_logits_differ_from_hf_when_rope_rows_are_not_permuted():
     # the control for the test above: the permutation is what makes them agree
     model = random_model(MHA, VOCAB)
-    hf = hf_twin(MHA, model)
+    hf = hf_twin(model)
     with torch.no_grad():
         for layer, hf_layer in zip(model.layers, hf.model.layers):
             hf_layer.self_attn.q_proj.weight.copy_(layer.attention.wq.weight)
@@ -103,7 +104,7 @@ def test_norm_eps_is_read_from_params():
         model = random_model(params, VOCAB)
         with torch.no_grad():
             model.tok_embeddings.weight.mul_(1e-3)
-        hf = hf_twin(params, model)
+        hf = hf_twin(model)
         assert model.args.norm_eps == hf.config.rms_norm_eps == eps
         with torch.no_grad():
             logits[eps] = model(tokens())
@@ -180,14 +181,14 @@ def test_left_padded_batch_decoded_through_the_cache_gives_each_row_its_own_logi
 
 def test_forward_refuses_a_prompt_longer_than_max_seq_len():
     model = random_model(MHA, VOCAB, max_seq_len=16)
-    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than the model's context of 16"):
+    with pytest.raises(UserError, match="sequence of 17 tokens is longer than the model's context of 16"):
         model(tokens(1, 17))
 
 
 def test_forward_refuses_start_pos_plus_tokens_beyond_max_seq_len():
     model = random_model(MHA, VOCAB, max_seq_len=16)
     cache = new_cache(model, 1)
-    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than the model's context of 16"):
+    with pytest.raises(UserError, match="sequence of 17 tokens is longer than the model's context of 16"):
         model(tokens(1, 2), start_pos=15, cache=cache)
 
 

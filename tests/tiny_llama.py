@@ -5,6 +5,7 @@ import shutil
 
 import torch
 
+import adapters
 from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------
@@ -53,6 +54,34 @@ def wide_model(args=WIDE_ARGS, seed=0):
     return model.eval()
 
 
+R = 4  # the adapters' rank (PARA's bottleneck, LoRA's rank) on the tiny models
+
+
+@torch.no_grad()
+def randomise_adapter(model, seed):
+    """Move every adapter tensor away from its initial value, so that a wrong position, row or order changes the
+    outputs (PARA's vectors then lie around 1 ± 0.4 and differ from prompt to prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if adapters.is_adapter_param(name):
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+SETTINGS = {"para": {"r": R}, "ia3": {}, "lora": {"r": R}, "adalora": {"r": R}, "houlsby": {"size": R}}
+
+
+def fresh(method, model=None, n_adapters=1):
+    """wide_model (or `model`) with a fresh adapter of `method`, or a bank of n_adapters."""
+    return adapters.add_adapter(wide_model() if model is None else model, method, n_adapters, **SETTINGS[method])
+
+
+def adapted(method, seed=1):
+    """wide_model with one non-trivial adapter of `method`."""
+    model = fresh(method)
+    randomise_adapter(model, seed)
+    return model
+
+
 # -----------------------------------------------------------------------------
 # How close two fp32 computations of the same logits must be
 #
@@ -75,7 +104,8 @@ WIDE = dict(atol=1e-4, rtol=0)
 # HF row j must hold Meta row 2j and HF row hd/2 + j must hold Meta row 2j + 1.
 
 def meta_to_hf_rope(w, n_heads):
-    """Reorder the rows of a Meta wq/wk (n_heads*hd, dim) into HF's rotate-half layout."""
+    """Reorder the rows of a Meta wq/wk (n_heads*hd, dim), or of anything that follows its rows (a vector that
+    scales Q, a LoRA B), into HF's rotate-half layout."""
     hd = w.shape[0] // n_heads
     within_head = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])  # (hd,) Meta row for each HF row
     rows = (torch.arange(n_heads)[:, None] * hd + within_head).flatten()
@@ -115,13 +145,17 @@ def hf_config(params, vocab_size, max_seq_len=64, **extra):
         max_position_embeddings=max_seq_len, **extra)
 
 
-def hf_twin(params, model):
-    """LlamaForCausalLM holding our model's weights, converted by this file (strict: every weight must fit)."""
-    from transformers import LlamaForCausalLM
+def hf_twin(model):
+    """LlamaForCausalLM holding our model's base weights (an adapter's are left out), converted by this file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaForCausalLM(hf_config(params, model.args.vocab_size, model.args.max_seq_len))
-    n_kv = params.get("n_kv_heads", params["n_heads"])
-    hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), params["n_heads"], n_kv), strict=True)
+    a = model.args
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len, tie_word_embeddings=False))
+    base = {k: v for k, v in model.state_dict().items() if not adapters.is_adapter_param(k)}
+    hf.load_state_dict(meta_to_hf_state_dict(base, a.n_heads, a.n_kv_heads), strict=True)
     return hf.eval()
 
 
