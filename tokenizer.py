@@ -8,6 +8,8 @@ import json
 import os
 from typing import Optional
 
+from errors import UserError
+
 
 class Tokenizer:
     def __init__(self, backend: str, model, bos_id: int, eos_id: int, pad_id: int, n_words: int,
@@ -21,22 +23,33 @@ class Tokenizer:
     def from_file(path: str) -> "Tokenizer":
         """tokenizer.model (sentencepiece, Llama 2) or tokenizer.json (HF byte-level BPE)."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path!r} not found: copy the model's tokenizer next to its weights")
+            raise UserError(f"tokenizer file {path!r} not found: copy the model's tokenizer next to its weights")
         if path.endswith(".model"):
             from sentencepiece import SentencePieceProcessor
-            sp = SentencePieceProcessor(model_file=path)
+            try:
+                sp = SentencePieceProcessor(model_file=path)
+            except (RuntimeError, OSError) as e:  # sentencepiece's errors on a file it cannot parse
+                raise UserError(f"{path} is not a readable sentencepiece model ({e}): it is truncated or corrupt; "
+                                "re-download it") from None
             # Llama 2 has no pad token (-1); padding is always masked, so any id will do: use eos
             pad = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
             return Tokenizer("sentencepiece", sp, sp.bos_id(), sp.eos_id(), pad, sp.vocab_size(), True, "llama2")
         from tokenizers import Tokenizer as HFTokenizer
-        tok = HFTokenizer.from_file(path)
+        try:
+            tok = HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a plain Exception for any file it cannot parse
+            raise UserError(f"{path} is not a readable tokenizer file ({e}): it is truncated or corrupt; "
+                            "re-download it") from None
         config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        config = read_tokenizer_config(config_path) if os.path.isfile(config_path) else {}
         special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
 
         def token_id(name, default):
             value = config.get(name, default)
             value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{config_path}: field {name!r} is {value!r}, it must be a token (a string); "
+                                "re-download it, or correct the field")
             return special.get(value, tok.token_to_id(value) if value else None)
 
         bos, eos = token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
@@ -46,29 +59,39 @@ class Tokenizer:
                          tok.get_vocab_size(), bool(config.get("add_bos_token", False)), chat)
 
     @staticmethod
-    def from_gguf(reader) -> "Tokenizer":
-        """Byte-level BPE from the token list and merges stored in a GGUF file (gguf.GGUFReader)."""
+    def from_gguf(metadata: dict, path: str) -> "Tokenizer":
+        """Byte-level BPE from the token list and merges in a GGUF file's metadata (key -> value), read from path."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
         def field(name, default=None):
-            f = reader.fields.get(name)
-            return f.contents() if f is not None else default
+            return metadata.get(name, default)
 
         if field("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"GGUF tokenizer {field('tokenizer.ggml.model')!r} is not supported, only byte-level BPE ('gpt2')")
+            raise UserError(f"{path}: GGUF tokenizer {field('tokenizer.ggml.model')!r} is not supported, "
+                            "only byte-level BPE ('gpt2')")
         tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
-        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        merges, eos = field("tokenizer.ggml.merges"), field("tokenizer.ggml.eos_token_id")
+        bos, pad = field("tokenizer.ggml.bos_token_id", -1), field("tokenizer.ggml.padding_token_id", eos)
+
+        def list_of(value, kind):
+            return isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+        if not (list_of(tokens, str) and list_of(types, int) and list_of(merges, str) and list_of([bos, eos, pad], int)):
+            raise UserError(f"{path}: the tokenizer's tokens, token types, merges or special token ids are missing "
+                            "or malformed; re-download it")
+        try:
+            tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]))
+        except Exception as e:  # tokenizers raises a plain Exception, e.g. for a merge of tokens not in the list
+            raise UserError(f"{path}: the tokenizer's tokens and merges do not fit together ({str(e).splitlines()[0]}); "
+                            "re-download it") from None
         # GPT-2's byte-to-unicode mapping and split regex (SmolLM2's merges never join two digits)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         # control tokens (type 3), e.g. <|im_start|>, are matched whole in the text, never split into bytes
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-        eos = field("tokenizer.ggml.eos_token_id")
-        chat = "chatml" if "<|im_start|>" in (field("tokenizer.chat_template") or "") else None
-        return Tokenizer("bpe", tok, field("tokenizer.ggml.bos_token_id", -1), eos,
-                         field("tokenizer.ggml.padding_token_id", eos), len(tokens),
-                         bool(field("tokenizer.ggml.add_bos_token", False)), chat)
+        template = field("tokenizer.chat_template")
+        chat = "chatml" if isinstance(template, str) and "<|im_start|>" in template else None
+        return Tokenizer("bpe", tok, bos, eos, pad, len(tokens), bool(field("tokenizer.ggml.add_bos_token", False)), chat)
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
         """Token ids of text; bos=None adds BOS when the model's tokenizer config does (Llama 2 yes, SmolLM2 no)."""
@@ -106,4 +129,16 @@ class Tokenizer:
             if len(messages) % 2:
                 ids += self.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]", True, False)
             return ids
-        raise ValueError("this tokenizer has no chat format: it belongs to a base model, give it plain text")
+        raise UserError("this tokenizer has no chat format: it belongs to a base model, give it plain text")
+
+
+def read_tokenizer_config(path: str) -> dict:
+    """tokenizer_config.json, which must hold one JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is not valid JSON ({e}): re-download it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of named fields: re-download it")
+    return config

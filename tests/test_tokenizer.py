@@ -1,10 +1,14 @@
 """The sentencepiece tokenizer (Llama 2's tokenizer.model) against HF's sentencepiece-backed Llama tokenizer:
 ids on varied text, BOS/EOS, decoding, and Meta's chat format. A tiny model trained here always runs; the real
 Llama 2 tokenizer.model runs when the shared assets are present."""
+import json
+import re
+
 import pytest
 import sentencepiece
 
 from conftest import ASSETS
+from errors import UserError
 from tiny_llama import train_sentencepiece
 from tokenizer import Tokenizer
 
@@ -137,3 +141,50 @@ def test_llama2_chat_format_without_system_prompt(tokenizers, model_path):
     ours, _ = tokenizers
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
     assert ours.format_chat([{"role": "user", "content": "Hi"}]) == [1] + sp.encode("[INST] Hi [/INST]")
+
+
+# -----------------------------------------------------------------------------
+# unreadable tokenizer files: a UserError that names the file, never a library's own exception
+
+def bpe_tokenizer_json(folder):
+    """A valid tokenizer.json of a tiny byte-level BPE with no chat tokens; returns its path."""
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    path = folder / "tokenizer.json"
+    HFTokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "</s>": 3}, [("a", "b")])).save(str(path))
+    return path
+
+
+def test_corrupt_tokenizer_model_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError, match=f"{re.escape(str(path))} is not a readable sentencepiece model .*re-download it"):
+        Tokenizer.from_file(str(path))
+
+
+def test_corrupt_tokenizer_json_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError, match=f"{re.escape(str(path))} is not a readable tokenizer file .*re-download it"):
+        Tokenizer.from_file(str(path))
+
+
+def test_tokenizer_config_json_that_is_not_json_is_refused_naming_the_file(tmp_path):
+    path = bpe_tokenizer_json(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",')
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path / 'tokenizer_config.json'))} is not valid JSON"):
+        Tokenizer.from_file(str(path))
+
+
+def test_tokenizer_config_json_with_a_token_that_is_not_a_string_is_refused_naming_the_field(tmp_path):
+    path = bpe_tokenizer_json(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": 3}))
+    with pytest.raises(UserError, match="tokenizer_config.json: field 'eos_token' is 3, it must be a token"):
+        Tokenizer.from_file(str(path))
+
+
+def test_chat_format_of_a_tokenizer_without_one_is_refused(tmp_path):
+    tokenizer = Tokenizer.from_file(str(bpe_tokenizer_json(tmp_path)))
+    assert tokenizer.chat_format is None and tokenizer.eos_id == 3
+    with pytest.raises(UserError, match="this tokenizer has no chat format: it belongs to a base model"):
+        tokenizer.format_chat([{"role": "user", "content": "ab"}])
