@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared" / "assets"
-sys.path.insert(0, str(REPO))
-
-import data  # noqa: E402
-import data.boolq.prepare  # noqa: E402
-import data.copa.prepare  # noqa: E402
-from data.boolq.prepare import prepare as prepare_boolq  # noqa: E402
-from data.copa.prepare import prepare as prepare_copa  # noqa: E402
-from data.squad.prepare import prepare as prepare_squad  # noqa: E402
-from data.squad_small.prepare import prepare as prepare_squad_small  # noqa: E402
-from errors import UserError  # noqa: E402
+import data
+import data.boolq.prepare
+import data.copa.prepare
+from data.boolq.prepare import prepare as prepare_boolq
+from data.copa.prepare import prepare as prepare_copa
+from data.squad.prepare import prepare as prepare_squad
+from data.squad_small.prepare import prepare as prepare_squad_small
+from conftest import ASSETS, ROOT as REPO
+from errors import UserError
 
 # -----------------------------------------------------------------------------
 # tiny sources in the official formats, written by the tests

@@ -1,0 +1,232 @@
+"""
+The results study: every method on one task with the small model, side by side, with confidence intervals.
+
+    python study.py                     # run what is missing (resumable), then write the table and the picture
+    python study.py --report            # only the table and the picture, from the runs there are
+
+Each run is one train.py command, printed before it starts, with its own out folder under --out; its
+results.json is what that command reproduces. A finished run is skipped and a killed one continues from its
+checkpoint (train.py --resume), so the study can be stopped and started again at any time.
+
+The protocol (README, "Results on the small model"):
+- every method gets the paper's recipe with the same budget: --train_examples examples, --epochs epochs;
+- its learning rate is chosen on dev (F1) from --lrs, with seed 1;
+- PARA and the strongest baseline then run --seeds more seeds at their rate, the others one; the table gives
+  the median over seeds, as the paper does;
+- test F1, EM and their mean (the paper's f1-em), each with a 95% bootstrap interval over test questions, and a
+  paired bootstrap interval for PARA minus each method on the same questions (of the median seed's run).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import exact_match_score, f1_score, load_split, resolve_task
+
+# name -> (folder name, train.py flags); LoRA's rank and the Houlsby bottleneck match PARA's parameter count on
+# SmolLM2-135M; the static twin is (IA)^3 on exactly PARA's projections: PARA minus its prompt-awareness
+METHODS = {
+    "zero-shot": ("zero-shot", ["--method", "none"]),
+    "PARA r=12": ("para", ["--method", "para", "--r", "12"]),
+    "LoRA r=19": ("lora", ["--method", "lora", "--r", "19"]),
+    "AdaLoRA 12->8": ("adalora", ["--method", "adalora", "--r", "12"]),
+    "Houlsby m=15": ("houlsby", ["--method", "houlsby", "--r", "15"]),
+    "(IA)^3": ("ia3", ["--method", "ia3"]),
+    "static twin": ("twin", ["--method", "ia3", "--ia3_targets", "wq,wv,w3"]),
+}
+PARA = "PARA r=12"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="squad-small", help="a task with SQuAD answers (squad-small, squad)")
+    p.add_argument("--ckpt_dir", help="the base model (default: the small SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="out/study", help="one folder per run below this one")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1 (half decades: "
+                   "the grid grows past an end that wins)")
+    p.add_argument("--seeds", default="1,2,3", help="seeds for PARA and the strongest baseline")
+    p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--eval_interval", type=int, default=16, help="dev loss every this many steps")
+    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--dtype bf16\"")
+    p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    return p.parse_args(argv)
+
+
+def run_dir(args, name, lr, seed):
+    folder = METHODS[name][0]
+    return Path(args.out) / (folder if name == "zero-shot" else f"{folder}-lr{lr}-seed{seed}")
+
+
+def command(args, name, lr, seed):
+    """The train.py command of one run."""
+    cmd = [sys.executable, "train.py", "--task", args.task, "--out_dir", str(run_dir(args, name, lr, seed)),
+           "--seed", str(seed), "--limit_train", str(args.train_examples), "--epochs", str(args.epochs),
+           "--eval_interval", str(args.eval_interval), "--resume", *METHODS[name][1], *args.extra.split()]
+    if name != "zero-shot":
+        cmd += ["--lr", lr]
+    return cmd + (["--ckpt_dir", args.ckpt_dir] if args.ckpt_dir else [])
+
+
+def results(args, name, lr, seed):
+    path = run_dir(args, name, lr, seed) / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run(args, name, lr, seed):
+    """The run's results, running it (or the rest of it) first unless --report."""
+    if results(args, name, lr, seed) is None and not args.report:
+        cmd = command(args, name, lr, seed)
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent)
+    return results(args, name, lr, seed)
+
+
+GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]  # half decades
+
+
+def best_lr(args, name):
+    """The learning rate of the best dev F1 at seed 1 (None while a run is missing). When the best is at an end
+    of the grid, the grid grows by the next half decade on that side, so that no method is held at an edge."""
+    lrs = args.lrs.split(",")
+    while True:
+        grid = {lr: run(args, name, lr, 1) for lr in lrs}
+        if any(r is None for r in grid.values()):
+            return None
+        best = max(grid, key=lambda lr: grid[lr]["dev"]["f1"])
+        i = GRID.index(best)
+        if best == lrs[-1] and i + 1 < len(GRID):
+            lrs.append(GRID[i + 1])
+        elif best == lrs[0] and i > 0:
+            lrs.insert(0, GRID[i - 1])
+        else:
+            return best
+
+
+# -----------------------------------------------------------------------------
+# per-question scores and bootstrap intervals
+
+
+def question_scores(run_folder, answers):
+    """{"f1": (N,), "em": (N,)} in percent, per test question, from a run's predictions.jsonl."""
+    preds = {}
+    for line in (run_folder / "predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        if p["split"] == "test":
+            preds[p["id"]] = p["prediction"].strip().split("\n")[0]  # the first line, as train.py scores it
+    f1 = [100 * max(f1_score(preds[i], a) for a in gold) for i, gold in answers.items()]
+    em = [100 * max(exact_match_score(preds[i], a) for a in gold) for i, gold in answers.items()]
+    return {"f1": np.array(f1), "em": np.array(em), "f1-em": (np.array(f1) + np.array(em)) / 2}
+
+
+def bootstrap(values, n, seed=0):
+    """95% percentile interval of the mean of values (N,) over n resamples of the questions."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return np.percentile(means, [2.5, 97.5])
+
+
+def fmt(mean, interval):
+    return f"{mean:.1f} ({interval[0]:.1f} - {interval[1]:.1f})"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = args.methods.split(",")
+    chosen = {}  # name -> (lr, [seeds])
+    for name in names:
+        if name == "zero-shot":
+            chosen[name] = ("-", [1]) if run(args, name, "-", 1) else None
+            continue
+        lr = best_lr(args, name)
+        chosen[name] = (lr, [1]) if lr else None
+    # more seeds for PARA and the strongest other method (best dev F1 at its chosen rate)
+    dev_f1 = {n: results(args, n, c[0], 1)["dev"]["f1"] for n, c in chosen.items() if c and n not in ("zero-shot", PARA)}
+    strongest = max(dev_f1, key=dev_f1.get) if dev_f1 else None
+    for name in (PARA, strongest):
+        if name in chosen and chosen[name]:
+            lr = chosen[name][0]
+            seeds = [int(s) for s in args.seeds.split(",")]
+            done = [s for s in seeds if run(args, name, lr, s)]
+            chosen[name] = (lr, done)
+    report(args, {n: c for n, c in chosen.items() if c}, strongest)
+
+
+def report(args, chosen, strongest):
+    """The markdown table (out/study.md) and the loss curves (out/study.png)."""
+    test = load_split(resolve_task(args.task), "test")
+    answers = {r["id"]: r["answers"] for r in test}
+    rows, scores = [], {}
+    for name, (lr, seeds) in chosen.items():
+        runs = {s: results(args, name, lr, s) for s in seeds}
+        median_seed = sorted(seeds, key=lambda s: runs[s]["test"]["f1-em"])[len(seeds) // 2]
+        scores[name] = question_scores(run_dir(args, name, lr, median_seed), answers)
+        r = runs[median_seed]
+        row = {"method": name, "params": f"{r['trainable_parameters']:,}", "lr": lr, "seeds": len(seeds)}
+        for metric in ("f1", "em", "f1-em"):
+            median = statistics.median(x["test"][metric] for x in runs.values())
+            row[f"test {metric}"] = fmt(median, bootstrap(scores[name][metric], args.bootstrap))
+        row["dev f1"] = f"{statistics.median(x['dev']['f1'] for x in runs.values()):.1f}"
+        row["train tok/s"] = r["train_tokens_per_s"] or "-"
+        row["train min"] = f"{r['train_time_s'] / 60:.1f}"
+        row["wall min"] = f"{r['wall_time_s'] / 60:.1f}"
+        row["peak MiB"] = f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        rows.append(row)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
+    if PARA in scores:
+        lines += ["", "| PARA minus | test F1 (95% paired CI) | test EM | test f1-em |", "|---|---|---|---|"]
+        for name in scores:
+            if name != PARA:
+                diffs = {m: scores[PARA][m] - scores[name][m] for m in ("f1", "em", "f1-em")}
+                lines.append(f"| {name} | " + " | ".join(fmt(d.mean(), bootstrap(d, args.bootstrap)) for d in diffs.values())
+                             + " |")
+    table = "\n".join(lines)
+    note = (f"\n\n{len(test):,} test questions; intervals: 95% bootstrap over questions ({args.bootstrap} resamples), "
+            f"of the median seed's run. Strongest baseline on dev: {strongest}.\n")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "study.md").write_text(table + note)
+    print(table + note)
+    plot(args, chosen, Path(args.out) / "study.png")
+
+
+def plot(args, chosen, path):
+    """Train loss (a moving average) and dev loss against step, one line per method (its seed 1 run)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no picture")
+        return
+    fig, (ax_train, ax_dev) = plt.subplots(1, 2, figsize=(10, 4), dpi=100, sharey=True)
+    for name, (lr, _) in chosen.items():
+        if name == "zero-shot":
+            continue
+        log = [json.loads(line) for line in (run_dir(args, name, lr, 1) / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in log if "loss" in r]
+        w = min(8, len(steps))  # an 8-step moving average
+        losses = np.convolve([r["loss"] for r in steps], np.ones(w) / w, mode="valid")
+        ax_train.plot([r["step"] for r in steps][w - 1:], losses, label=f"{name} (lr {lr})")
+        evals = [r for r in log if "dev_loss" in r]
+        ax_dev.plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], marker="o", label=name)
+    ax_train.set(title="train loss (8-step moving average)", xlabel="step", ylabel="loss per target token")
+    ax_dev.set(title="dev loss", xlabel="step")
+    ax_train.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

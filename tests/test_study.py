@@ -1,0 +1,49 @@
+"""study.py end to end on the tiny model and a tiny task with SQuAD-style answers: the learning rate chosen on dev,
+more seeds for PARA and the strongest baseline, a resumable set of runs, and the table with its intervals."""
+import json
+
+import numpy as np
+import pytest
+
+import study
+from test_train import task_records, tiny_model, write_task  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def qa_task(tmp_path_factory):
+    """The tiny task, scored as extractive QA (F1 and EM against "answers")."""
+    def records(n, seed):
+        return [r | {"answers": [r["label"]]} for r in task_records(n, seed)]
+    return write_task(tmp_path_factory.mktemp("task") / "qa", {"train": records(48, 0), "dev": records(16, 1),
+                                                                 "test": records(16, 2)})
+
+
+def test_the_study_tunes_each_method_on_dev_reruns_the_best_with_more_seeds_and_reports_intervals(
+        qa_task, tiny_model, tmp_path, capsys):
+    flags = ["--task", str(qa_task), "--ckpt_dir", str(tiny_model), "--out", str(tmp_path / "study"),
+             "--methods", "zero-shot,PARA r=12,(IA)^3", "--lrs", "1e-2,3e-2", "--seeds", "1,2",
+             "--train_examples", "32", "--eval_interval", "2", "--extra", "--num_beams 1"]
+    study.main(flags)
+    table = (tmp_path / "study" / "study.md").read_text()
+    for name in ("zero-shot", "PARA r=12", "(IA)^3"):
+        assert f"| {name} |" in table
+    runs = sorted(p.name for p in (tmp_path / "study").iterdir() if p.is_dir())
+    para = [r for r in runs if r.startswith("para")]
+    assert len({r.split("-seed")[0] for r in para}) >= 2  # the grid, at seed 1
+    assert {r.split("-seed")[1] for r in para} == {"1", "2"}  # PARA's chosen rate with a second seed
+    assert "| PARA minus | test F1 (95% paired CI)" in table
+    # a second call runs nothing: every run is finished
+    before = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("results.json")}
+    capsys.readouterr()
+    study.main(flags)
+    assert "$ train.py" not in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("results.json")}
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_questions():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(50, 20, 100), rng.normal(50, 20, 10_000)
+    low, high = study.bootstrap(small, 2000)
+    assert low < small.mean() < high
+    low_large, high_large = study.bootstrap(large, 2000)
+    assert high_large - low_large < (high - low) / 5  # 100 times the questions: a tenth of the width
