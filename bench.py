@@ -18,8 +18,16 @@ multitenant  One batch of --batch different prompts of --prompt_len tokens each 
              in the prefill; (IA)^3 gathers each row's vectors and LoRA each row's A and B at every step.
 hf           generate.py against HF Transformers' generate on the same weights (greedy and beam 3), the base
              model, with the best any decoder could do here: our prefill, then every step at the ceiling.
+compile     Greedy decode steps/s of one prompt, eager and compiled (--compile: torch.compile of the decode step
+             over a static KV cache, CUDA graphs on CUDA), each as a fraction of the ceiling measured in the same
+             rounds; the compile time and the number of new tokens after which compiling pays off.
+train        Our train step (forward, backward, AdamW on 16 examples of --task) against HF Transformers + PEFT's
+             on the same weights: LoRA and (IA)^3, and PARA's own.
 ceiling      A bare loop over the matrix-vector products of one decode step (all linear layers and the LM
              head, nothing else): the decode steps/s no decoder of these weights can beat on this machine.
+
+--model random:7b (13b, 70b, tiny) builds a model of that shape with random weights on the device: Table 4's speed
+and memory reproduce on any GPU without Meta's files (the tokens mean nothing; hf and train need real files).
 
 Speed. tokens/s is the new tokens (of every row in a batch) over the whole generate call, prefill included, as
 in the paper; "decode tok/s" leaves out the prefill and the choice of the first token. Each figure is the
@@ -46,7 +54,10 @@ import operator
 import os
 import platform
 import statistics
+import sys
 import time
+import zlib
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +66,8 @@ import adapters
 import baselines
 import generate
 from adapters import PARA_R
-from model import DTYPES, default_model_path, load, pick_device
+from errors import UserError
+from model import DTYPES, ModelArgs, Transformer, default_model_path, load, pick_device
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
 TEXT = (
@@ -143,13 +155,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=None):
+def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=None, compile=False):
     """One generate call, EOS off: (tokens of each prompt, seconds of the call, seconds of its decode steps)."""
     device = model.tok_embeddings.weight.device
     sync(device)
     start = time.perf_counter()
-    out = generate.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, num_beams=num_beams, adapter_ids=adapter_ids,
-                            eos_id=-1)
+    out = generate.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, num_beams=num_beams,
+                            adapter_ids=adapter_ids, eos_id=-1, compile=compile)
     sync(device)
     seconds = time.perf_counter() - start
     return [g.tokens for g in out], seconds, out[0].seconds - out[0].prefill_seconds
@@ -237,7 +249,7 @@ def table4(base, tokenizer, s, device):
     prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
     models = {name: with_adapter(base, m, kw, 1, not s.init, seed=1) for name, (m, kw) in methods(s).items()}
     jobs = {(name, beams): (lambda name=name, beams=beams: run_generate(models[name], tokenizer, prompt, beams,
-                                                                        s.new_tokens))
+                                                                        s.new_tokens, compile=s.compile))
             for beams in (1, 3) for name in models}
     warm_up(jobs)
     memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
@@ -266,7 +278,7 @@ def multi_tenant(base, tokenizer, s, device):
         for n in ((1,) if m is None else (1, s.batch)):
             models[name, n] = with_adapter(base, m, settings, n, not s.init, seed=2)
             ids[name, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
-    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids[key]))
+    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids[key], s.compile))
             for key in models}
     warm_up(jobs)
     results = interleaved(jobs, s.runs)
@@ -312,7 +324,8 @@ def versus_hf(base, tokenizer, s, device, hf):
 
     jobs = {}
     for beams in (1, 3):
-        jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, s.new_tokens)
+        jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, s.new_tokens,
+                                                               compile=s.compile)
         jobs["HF", beams] = lambda beams=beams: run_hf(beams)
     warm_up(jobs)
     results = interleaved(jobs, s.runs)
@@ -330,21 +343,106 @@ def versus_hf(base, tokenizer, s, device, hf):
     return rows
 
 
-def ceiling(base, device, steps=10):
-    """Steps/s of a bare loop over the matrix-vector products of one decode step (all linears and the LM head)."""
+def ceiling_pass(base, device):
+    """Seconds of one bare pass over the matrix-vector products of a decode step (all linears and the LM head):
+    what no decoder of these weights can beat on this machine."""
     weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights}
-    times = []
     with torch.inference_mode():
-        for _ in range(steps + 1):  # the first one warms up
+        sync(device)
+        start = time.perf_counter()
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        sync(device)
+    return time.perf_counter() - start
+
+
+def ceiling(base, device, steps=10):
+    """Decode steps/s at the ceiling: the median of `steps` passes, after one that warms up."""
+    times = [ceiling_pass(base, device) for _ in range(steps + 1)][1:]
+    return {"section": "ceiling", "measurement": "ceiling: matrix-vector products only",
+            "ours decode steps/s": 1 / statistics.median(times)}
+
+
+def compiled_decode(base, tokenizer, s, device):
+    """Greedy decode steps/s of one prompt, eager and compiled (generate.py --compile), each against the ceiling
+    measured in the same rounds; the compile time, and the new tokens after which compiling has paid for itself."""
+    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
+    steps = s.new_tokens - 1
+    start = time.perf_counter()
+    run_generate(base, tokenizer, prompt, 1, s.new_tokens, compile=True)  # compiles
+    first_call = time.perf_counter() - start
+    jobs = {"eager": lambda: run_generate(base, tokenizer, prompt, 1, s.new_tokens),
+            "compiled": lambda: run_generate(base, tokenizer, prompt, 1, s.new_tokens, compile=True),
+            "ceiling": lambda: (None, None, steps * ceiling_pass(base, device))}  # the same steps at the ceiling
+    warm_up(jobs)
+    results = interleaved(jobs, s.runs)
+    rows = []
+    for name in ("eager", "compiled"):
+        runs = results[name]
+        rows.append({"section": "compile", "measurement": f"{name} decode", "decode steps/s": rate(runs, steps, 2),
+                     "/ ceiling": speedup(runs, results["ceiling"], 2),
+                     "95% CI": {"/ ceiling": median_interval(ratios(runs, results["ceiling"], 2))},
+                     "same tokens": runs[-1][0] == results["eager"][-1][0]})
+    compiled_call = statistics.median(r[1] for r in results["compiled"])
+    saved_per_step = 1 / rows[0]["decode steps/s"] - 1 / rows[1]["decode steps/s"]
+    rows[1]["compile s"] = first_call - compiled_call
+    rows[1]["pays off after tokens"] = (round(rows[1]["compile s"] / saved_per_step) if saved_per_step > 0
+                                        else "never")
+    return rows
+
+
+def training(base, tokenizer, s, device, dtype, path):
+    """Our train step (forward, backward, AdamW) against HF Transformers + PEFT's, on the same 16 training examples
+    of --task and the same weights, interleaved: LoRA count-matched on q and v, (IA)^3, and PARA's own."""
+    import train
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from data import TASKS, load_split, prepare_task, resolve_task
+
+    folder = prepare_task(s.task, src=s.src) if s.task in TASKS else resolve_task(s.task)
+    examples, _ = train.tokenize(load_split(folder, "train")[:16], tokenizer, 2048)
+    tokens, targets, prompt_len = train.collate(examples, tokenizer.pad_id, device)  # one batch, right-padded
+    n_targets, n_tokens = (targets != -100).sum(), sum(len(p) + len(t) - 1 for p, t in examples)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+
+    def step_of(model, logits_of):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
             sync(device)
             start = time.perf_counter()
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
+            with autocast:
+                logits = logits_of(tokens)
+            (train.loss_sum(logits.float(), targets) / n_targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             sync(device)
-            times.append(time.perf_counter() - start)
-    return {"section": "ceiling", "measurement": "ceiling: matrix-vector products only",
-            "ours decode steps/s": 1 / statistics.median(times[1:])}
+            return None, time.perf_counter() - start
+        return step
+
+    ours, theirs = {}, {}
+    for name, (method, settings) in methods(s).items():
+        if method in ("para", "ia3", "lora"):
+            model = with_adapter(base, method, settings, 1, False, seed=3).train()
+            adapters.mark_only_adapter_as_trainable(model)
+            ours[name] = step_of(model, lambda x, model=model: model(x, prompt_len=prompt_len))
+    peft = {f"LoRA r={s.lora_r}": LoraConfig(r=s.lora_r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            "(IA)^3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
+    for name, config in peft.items():
+        model = get_peft_model(load_hf(path, device, dtype), config).train()
+        theirs[name] = step_of(model, lambda x, model=model: model(input_ids=x).logits)
+    jobs = {("ours", n): job for n, job in ours.items()} | {("HF+PEFT", n): job for n, job in theirs.items()}
+    warm_up(jobs)
+    results = interleaved(jobs, s.runs)
+    rows = []
+    for name in ours:
+        mine, peft_runs = results["ours", name], results.get(("HF+PEFT", name))
+        rows.append({"section": "train", "method": name, "ours tokens/s": rate(mine, n_tokens, 1),
+                     "HF+PEFT tokens/s": rate(peft_runs, n_tokens, 1) if peft_runs else None,
+                     "ours / HF+PEFT": speedup(mine, peft_runs) if peft_runs else None,
+                     "95% CI": {"ours / HF+PEFT": median_interval(ratios(mine, peft_runs))} if peft_runs else {}})
+    return rows
 
 
 def bound(greedy, ceiling_row, new_tokens):
@@ -392,6 +490,10 @@ def claims(rows):
     for name, at_least in (("greedy", 1.3), ("beam 3", 1.5)):
         if any(r.get("measurement") == name for r in rows):
             out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">=", at_least))
+    for r in (r for r in rows if r["section"] == "compile"):
+        out.append((f"{r['measurement']} steps/s / ceiling", r, "/ ceiling", ">=", 0.9))
+    for r in (r for r in rows if r["section"] == "train" and r.get("ours / HF+PEFT")):
+        out.append((f"train step tokens/s, ours / HF+PEFT, {r['method']}", r, "ours / HF+PEFT", ">=", 1.0))
     compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt}
     checks = []
     for claim, row, key, op, target in out:
@@ -427,6 +529,8 @@ def markdown(rows, hide=("section", "tokens", "seconds", "95% CI")):
 TITLES = {"table4": "Table 4: one prompt, tokens/s and peak memory",
           "multitenant": "Multi-tenant serving: one batch, greedy",
           "hf": "generate.py against HF Transformers (base model)",
+          "compile": "Decode steps/s, eager and compiled, against the ceiling (greedy, one prompt)",
+          "train": "Training step against HF Transformers + PEFT (16 examples, forward, backward, AdamW)",
           "ceiling": "Ceiling"}
 NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without the prefill. peak MiB: weights + "
                    "adapter + the peak tensor memory held during the call above what was held before it ({memory}).",
@@ -436,75 +540,122 @@ NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without th
          "hf": "tokens/s: new tokens over the whole call, both timed alike; same tokens: of the last run."}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder or .gguf file "
-                        "(default: the small SmolLM2-135M GGUF)")
-    parser.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 on the cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--runs", "--repeats", dest="runs", type=int, help="timed runs per row (default: 100 on "
-                        "cuda, 5 on the cpu)")
-    parser.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8, help="prompts (and adapters) of the multi-tenant batch")
-    parser.add_argument("--lora_r", type=int, help="LoRA's rank (default: PARA's parameter count at r = 12)")
-    parser.add_argument("--sections", default="table4,multitenant,hf,ceiling",
-                        help="comma-separated, from table4, multitenant, hf, ceiling")
-    parser.add_argument("--init", action="store_true", help="leave the adapters at their initialisation: every "
-                        "method then generates the base model's tokens (a check of the harness)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
-    s = parser.parse_args(argv)
-    sections = s.sections.split(",")
-    unknown = set(sections) - set(TITLES)
+RANDOM = {"7b": dict(dim=4096, n_layers=32, n_heads=32), "13b": dict(dim=5120, n_layers=40, n_heads=40),
+          "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+          "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)}
+
+
+class NumberTokenizer:
+    """A stand-in for a random model's tokenizer: each word of a text becomes an id (the tokens mean nothing, the
+    cost of generating them is real)."""
+    bos_id, eos_id, pad_id, add_bos = 1, 2, 0, True
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def encode(self, text, bos=None):
+        return [self.bos_id] * (self.add_bos if bos is None else bos) + [
+            3 + zlib.crc32(word.encode()) % (self.vocab_size - 3) for word in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def load_model(spec, device, dtype):
+    """(model, tokenizer) of a checkpoint, or of "random:7b" (13b, 70b, tiny): Llama-2's shape with random weights,
+    built on the device, so that Table 4 reproduces on any GPU without Meta's files."""
+    if not spec.startswith("random:"):
+        return load(spec, device=device, dtype=dtype)
+    if spec[7:] not in RANDOM:
+        raise UserError(f"unknown random model {spec!r}: choose from " + ", ".join(f"random:{k}" for k in RANDOM))
+    args = ModelArgs(**RANDOM[spec[7:]], vocab_size=32000 if spec != "random:tiny" else 256, max_seq_len=4096)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocated and initialised in the final dtype: a 70B never exists in fp32
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(default)
+    model.freqs_cis = model.freqs_cis.to(device)
+    return model.eval(), NumberTokenizer(args.vocab_size)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder, .gguf file, or random:7b "
+                   "(13b, 70b, tiny): random weights of that shape (default: the small SmolLM2-135M GGUF)")
+    p.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 on the cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--runs", "--repeats", dest="runs", type=int, help="timed runs per row (default: 100 on cuda, "
+                   "5 on the cpu)")
+    p.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="prompts (and adapters) of the multi-tenant batch")
+    p.add_argument("--lora_r", type=int, help="LoRA's rank (default: PARA's parameter count at r = 12)")
+    p.add_argument("--sections", default="table4,multitenant,hf,ceiling", help="comma-separated, from " +
+                   ", ".join(TITLES))
+    p.add_argument("--compile", action="store_true", help="decode with the compiled step in every section")
+    p.add_argument("--task", default="copa", help="the train section's examples (the first 16 of its train split)")
+    p.add_argument("--src", help="where the train section's task is prepared from, offline (see train.py --src)")
+    p.add_argument("--init", action="store_true", help="leave the adapters at their initialisation: every "
+                   "method then generates the base model's tokens (a check of the harness)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
+    args = p.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(TITLES)
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
-    device = pick_device(s.device)
-    dtype = DTYPES[s.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    s.runs = s.runs or (100 if device.type == "cuda" else 5)
-    torch.set_num_threads(s.threads)
+        p.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
+    return args
 
-    path = s.model or default_model_path()
-    base, tokenizer = load(path, device=device, dtype=dtype)
-    s.lora_r = s.lora_r or adapters.size_matching_para(base.args, "lora")
-    s.houlsby = adapters.size_matching_para(base.args, "houlsby")
-    hf, hf_note = None, None
-    if "hf" in sections:
-        try:
-            hf = load_hf(path, device, dtype)
-        except Exception as e:  # not installed, or a format it cannot read (a Meta folder)
-            hf_note = f"HF Transformers could not load the model, section skipped: {type(e).__name__}: {e}"
-    # the 1-minute load average before and after each section; this run's own threads add --threads to it
-    loads = {"start": os.getloadavg()[0]}
 
-    rows = []
-    if "table4" in sections:
-        rows += table4(base, tokenizer, s, device)
-        loads["table4"] = os.getloadavg()[0]
-    if "multitenant" in sections:
-        rows += multi_tenant(base, tokenizer, s, device)
-        loads["multitenant"] = os.getloadavg()[0]
-    if hf is not None:
-        rows += versus_hf(base, tokenizer, s, device, hf)
-        loads["hf"] = os.getloadavg()[0]
+def run_sections(base, tokenizer, args, device, dtype, path):
+    """Every section asked for, in order; (rows, notes, the load average after each section)."""
+    sections, rows, notes = args.sections.split(","), [], []
+    loads = {"start": os.getloadavg()[0]}  # this run's own threads add --threads to it
+    for name, section in (("table4", table4), ("multitenant", multi_tenant), ("compile", compiled_decode)):
+        if name in sections:
+            rows += section(base, tokenizer, args, device)
+            loads[name] = os.getloadavg()[0]
+    for name, section in (("hf", lambda: versus_hf(base, tokenizer, args, device, load_hf(path, device, dtype))),
+                          ("train", lambda: training(base, tokenizer, args, device, dtype, path))):
+        if name in sections:
+            try:
+                rows += section()
+                loads[name] = os.getloadavg()[0]
+            except Exception as e:  # HF cannot read this model (a Meta folder, random weights), no task data
+                notes.append(f"section {name} skipped: {type(e).__name__}: {str(e).splitlines()[0]}")
     if "ceiling" in sections:
         rows.append(ceiling(base, device))
         greedy = next((r for r in rows if r.get("measurement") == "greedy"), None)
         if greedy:
-            rows.append(bound(greedy, rows[-1], s.new_tokens))
+            rows.append(bound(greedy, rows[-1], args.new_tokens))
+    return rows, notes, loads
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args.runs = args.runs or (100 if device.type == "cuda" else 5)
+    torch.set_num_threads(args.threads)
+    path = args.model or default_model_path()
+    base, tokenizer = load_model(path, device, dtype)
+    args.lora_r = args.lora_r or adapters.size_matching_para(base.args, "lora")
+    args.houlsby = adapters.size_matching_para(base.args, "houlsby")
+    rows, notes, loads = run_sections(base, tokenizer, args, device, dtype, path)
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
-               "threads": torch.get_num_threads(), "runs": s.runs, "prompt_len": s.prompt_len,
-               "new_tokens": s.new_tokens, "batch": s.batch, "para_r": PARA_R, "lora_r": s.lora_r, "houlsby": s.houlsby,
-               "lora_targets": ["wq", "wv"], "adapters": "init" if s.init else "random", "torch": torch.__version__,
-               "cpu": cpu_name(), "cores": os.cpu_count(),
+               "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens, "batch": args.batch, "para_r": PARA_R, "lora_r": args.lora_r,
+               "houlsby": args.houlsby, "lora_targets": ["wq", "wv"], "adapters": "init" if args.init else "random",
+               "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "torch.profiler allocation events, CPU",
                "load average (1 min)": {k: round(v, 2) for k, v in loads.items()}}
     checks = claims(rows)
-    if s.json:
-        print(json.dumps({"setting": setting, "rows": rows, "claims": checks, "notes": [hf_note] if hf_note else []}))
+    if args.json:
+        print(json.dumps({"setting": setting, "rows": rows, "claims": checks, "notes": notes}))
         return
     print(", ".join(f"{k}: {v}" for k, v in setting.items() if v is not None))
     for section in TITLES:
@@ -512,13 +663,16 @@ def main(argv=None):
         if part:
             note = NOTES.get(section, "").format(**setting)
             print(f"\n### {TITLES[section]}\n\n{markdown(part)}\n" + (f"\n{note}" if note else ""))
-    if hf_note:
-        print(f"\n{hf_note}")
+    print("".join(f"\n{note}" for note in notes))
     if checks:
-        few = ": too few for 95%, the range of all runs" if s.runs < 6 else ""
+        few = ": too few for 95%, the range of all runs" if args.runs < 6 else ""
         print(f"\n### Claims, measured in this run\n\n{markdown(checks, hide=())}\n\n95% CI: of the median of the "
-              f"same-round ratios, distribution-free ({s.runs} runs{few}). holds: yes if the whole interval meets "
+              f"same-round ratios, distribution-free ({args.runs} runs{few}). holds: yes if the whole interval meets "
               "the target, no if none of it does, undecided if it straddles the target (more runs narrow it).")
 
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -160,6 +160,7 @@ class Transformer(nn.Module):
                 adapter_ids=None):
         """
         tokens: (B, T) ids, written at positions [start_pos, start_pos+T) of the sequence (and of the cache).
+            start_pos is an int, or a 0-d tensor for a compiled decode step (generate.py --compile).
         pad_len: (B,) number of left-padding tokens in each row, or None. Row b's real tokens start at
             column pad_len[b]; RoPE positions count from there, and padding is never attended to.
         cache: an object with update(layer_id, start_pos, k, v) -> (k, v) (see generate.KVCache), or None.
@@ -168,22 +169,27 @@ class Transformer(nn.Module):
         Returns fp32 logits (B, T, vocab), or (B, 1, vocab) for the last position if last_only.
         """
         B, T = tokens.shape
-        if start_pos + T > self.args.max_seq_len:
+        if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
             raise UserError(f"sequence of {start_pos + T} tokens is longer than the model's context of "
                             f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens")
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.freqs_cis.device != tokens.device:  # once, after model.to(device): it is not a buffer
             self.freqs_cis = self.freqs_cis.to(tokens.device)
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        positions = start_pos + torch.arange(T, device=tokens.device)  # (T,)
         if pad_len is None:
             rot = self.freqs_cis[positions][None, :, None]  # (1, T, 1, hd/2)
         else:  # RoPE positions count from each row's first real token; padding gets position 0
             rot = self.freqs_cis[(positions[None] - pad_len[:, None]).clamp(min=0)][:, :, None]  # (B, T, 1, hd/2)
         # SDPA's own causal mask (is_causal) is aligned top-left: query i sees keys 0..i. That is right for a whole
-        # sequence and for a single decode query (it sees everything), wrong for padding and for a chunk of
-        # several tokens appended to a cache: those two need an explicit mask
-        chunk_after_cache = cache is not None and start_pos > 0 and T > 1
-        mask = attention_mask(positions, pad_len) if pad_len is not None or chunk_after_cache else None
+        # sequence and for a single decode query (it sees everything), wrong for padding, for a chunk of several
+        # tokens appended to a cache, and for a static cache, whose keys run to its end: those need a mask
+        chunk_after_cache = cache is not None and T > 1 and start_pos > 0
+        static = getattr(cache, "static", False)
+        if pad_len is not None or chunk_after_cache or static:
+            n_keys = cache.max_len if static else positions[-1] + 1
+            mask = attention_mask(positions, pad_len, n_keys)
+        else:
+            mask = None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
                 h = checkpoint(layer, h, rot, mask, cache, start_pos, prompt_len, adapter_ids, use_reentrant=False)
@@ -194,11 +200,11 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def attention_mask(positions, pad_len):
-    """(B|1, 1, T, S) True where the query at positions[t] of row b may attend to cache column s < S = positions[-1]+1:
+def attention_mask(positions, pad_len, n_keys):
+    """(B|1, 1, T, S) True where the query at positions[t] of row b may attend to cache column s < S = n_keys:
     causally (s <= its position), and never to row b's left padding (s < pad_len[b]). A padding query may attend
     to itself, so that no row of the softmax is empty (which would give NaN)."""
-    keys = torch.arange(positions[-1] + 1, device=positions.device)  # (S,) cache columns
+    keys = torch.arange(n_keys, device=positions.device)  # (S,) cache columns
     causal = keys[None, :] <= positions[:, None]  # (T, S)
     if pad_len is None:
         return causal[None, None]

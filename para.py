@@ -87,7 +87,7 @@ class PARABlock(TransformerBlock):
 
     def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, adapter_ids=None):
         layer = self.attention.layer_id
-        if start_pos == 0:  # x holds the prompts (training, or the prefill of generation)
+        if isinstance(start_pos, int) and start_pos == 0:  # x holds the prompts (training, or a prefill)
             rows = torch.arange(x.shape[0], device=x.device)
             last = x[:, -1] if prompt_len is None else x[rows, prompt_len - 1]  # Pooler(h): (B, D)
             # The paper says only "the hidden states of the prompt at the current layer". We give the VG the state
@@ -100,7 +100,7 @@ class PARABlock(TransformerBlock):
                 vectors = self.vector_generator(h, adapter_ids)
             if cache is not None:
                 cache.vectors[layer] = vectors  # every decode step of these rows reuses them
-        elif cache is not None and layer in cache.vectors:
+        elif cache is not None and layer in cache.vectors:  # a decode step: the vectors of these rows' prompts
             vectors = cache.vectors[layer]
         else:
             raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding")

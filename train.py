@@ -88,6 +88,7 @@ def parse_args(argv=None):
     arg("--max_new_tokens", type=int, default=0, help="0: the longest train/dev target with its EOS, at most 64")
     arg("--eval_batch_size", type=int, default=16, help="prompts per generation batch")
     arg("--limit_eval", type=int, default=0, help="use only the first N dev and test examples (0: all)")
+    arg("--compile", action="store_true", help="generate with the compiled decode step (generate.py --compile)")
     # hardware
     arg("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun "
         "cuda:LOCAL_RANK)")
@@ -628,7 +629,7 @@ class Run:
         for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
             with self.autocast:
                 outs = generate(self.model, self.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
-                                num_beams=args.num_beams)
+                                num_beams=args.num_beams, compile=args.compile)
             preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
         if where.world > 1:
             gathered = [None] * where.world

@@ -80,3 +80,36 @@ def test_bench_with_its_random_adapters_generates_other_tokens_than_the_base_mod
         assert not rows["PARA r=12", beams]["= base tokens"]  # the vectors really scale the projections
         assert rows["base", beams]["adapter params"] == 0
         assert all(r["adapter params"] > 0 for (m, b), r in rows.items() if m != "base" and b == beams)
+
+
+def test_bench_compile_section_gives_eager_and_compiled_decode_against_the_ceiling(tiny_folder, capsys):
+    report = run_bench(tiny_folder, capsys, "--sections", "compile", "--runs", "2")
+    rows = {r["measurement"]: r for r in report["rows"]}
+    assert set(rows) == {"eager decode", "compiled decode"}
+    assert rows["compiled decode"]["same tokens"]  # compiling changes no token
+    assert all(r["decode steps/s"] > 0 and r["/ ceiling"] > 0 for r in rows.values())
+    assert rows["compiled decode"]["compile s"] > 0
+    assert {c["claim"] for c in report["claims"]} == {"eager decode steps/s / ceiling",
+                                                      "compiled decode steps/s / ceiling"}
+
+
+def test_bench_train_section_times_our_step_and_hf_peft_s_on_the_same_examples(tiny_folder, tmp_path, capsys):
+    from test_train import task_records, write_task
+
+    task = write_task(tmp_path / "task", {split: task_records(16, i) for i, split in enumerate(("train", "dev", "test"))})
+    report = run_bench(tiny_folder, capsys, "--sections", "train", "--task", str(task))
+    rows = {r["method"]: r for r in report["rows"]}
+    lora = next(name for name in rows if name.startswith("LoRA"))
+    assert set(rows) == {"PARA r=12", "(IA)^3", lora} and rows["PARA r=12"]["HF+PEFT tokens/s"] is None
+    assert all(rows[m]["ours tokens/s"] > 0 and rows[m]["HF+PEFT tokens/s"] > 0 for m in ("(IA)^3", lora))
+    assert len(report["claims"]) == 2  # ours / HF+PEFT for LoRA and (IA)^3
+
+
+def test_bench_runs_on_a_random_model_of_a_named_shape(capsys):
+    bench.main(["--model", "random:tiny", "--device", "cpu", "--threads", "1", "--runs", "1", "--prompt_len", "16",
+                "--new_tokens", "4", "--sections", "table4,ceiling", "--json"])
+    torch.set_num_threads(1)
+    report = json.loads(capsys.readouterr().out)
+    assert report["setting"]["model"] == "random:tiny"
+    assert {r["method"] for r in report["rows"] if r["section"] == "table4"} >= {"base", "PARA r=12"}
+    assert all(len(r["tokens"][0]) == 4 for r in report["rows"] if r["section"] == "table4")

@@ -41,11 +41,11 @@ def generated(model, prompts, num_beams=1, adapter_ids=None, eos_id=-1):
     return [g.tokens for g in out]
 
 
-def early_eos(model, prompts, num_beams=1):
+def early_eos(model, prompts, num_beams=1, adapter_ids=None):
     """A token that, as EOS, ends some prompts' generations before others, so that finished rows leave the batch:
     the first of greedy decoding's tokens for the first prompt that does."""
-    for token in generated(model, prompts[:1])[0]:
-        if len({len(generated(model, [p], num_beams, eos_id=token)[0]) for p in prompts}) > 1:
+    for token in generated(model, prompts, adapter_ids=adapter_ids)[0]:
+        if len({len(t) for t in generated(model, prompts, num_beams, adapter_ids, eos_id=token)}) > 1:
             return token
     raise AssertionError("no token of the first generation ends the prompts at different steps")
 
@@ -523,3 +523,34 @@ def test_save_leaves_no_temporary_file(tmp_path):
     adapters.save_adapter(adapted("ia3"), tmp_path / "a.pt")
     adapters.save_adapter(adapted("ia3", seed=2), tmp_path / "a.pt")  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+# -----------------------------------------------------------------------------
+# compiled decoding (generate.py --compile): the same tokens as eager decoding
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("adapter", ["none", "para", "para bank"])
+def test_compiled_decoding_generates_the_tokens_of_eager_decoding(adapter, num_beams, tmp_path):
+    if adapter == "none":
+        model, ids = wide_model(), None
+    elif adapter == "para":
+        model, ids = adapted("para"), None
+    else:  # a multi-tenant bank, each row its own adapter
+        for seed in range(3):
+            adapters.save_adapter(adapted("para", seed=seed), tmp_path / f"{seed}.pt")
+        model, ids = adapters.load_adapter(wide_model(), [tmp_path / f"{seed}.pt" for seed in range(3)]), [2, 0, 1]
+    eos = early_eos(model, PROMPTS, num_beams, ids)  # rows finish at different steps
+    eager = generate.generate(model, NoText(), PROMPTS, max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos,
+                              adapter_ids=ids)
+    compiled = generate.generate(model, NoText(), PROMPTS, max_new_tokens=MAX_NEW, num_beams=num_beams, eos_id=eos,
+                                 adapter_ids=ids, compile=True)
+    assert [g.tokens for g in compiled] == [g.tokens for g in eager]
+    assert len({len(g.tokens) for g in eager}) > 1
+
+
+def test_compiled_decoding_runs_the_vector_generator_once_per_layer_per_generation():
+    model = adapted("para")
+    calls = count_vector_generator_calls(model)
+    generate.generate(model, NoText(), PROMPTS, max_new_tokens=MAX_NEW, eos_id=-1, compile=True)
+    assert len(calls) == ARGS.n_layers  # the prefill: the compiled decode steps only read the cache
