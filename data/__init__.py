@@ -12,6 +12,7 @@ train.py uses prepare_task, resolve_task, load_split and metric_for; the prepare
 read_jsonl, read_json, split_off and write_splits. A problem the user can fix (a missing or malformed file, an
 unknown task) raises errors.UserError, naming the file, the line and the fix.
 """
+import argparse
 import collections
 import gzip
 import importlib
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import string
+import sys
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -191,6 +193,48 @@ def write_splits(out, splits):
         os.replace(tmp, out / f"{split}.jsonl")
     print(f"wrote {out}: " + ", ".join(f"{split} {len(records)}" for split, records in splits.items()))
     return out
+
+def field_problem(example, task, keys, strings):
+    """What is wrong with the shape of one line of a task's official file, or None: it must be a JSON object with
+    every one of `keys`, and strings at `strings`. (The task checks its labels itself.)"""
+    if not isinstance(example, dict):
+        return f"expected a JSON object, got {JSON_TYPES[type(example)]}"
+    for key in keys:
+        if key not in example:
+            return f'missing "{key}"; a {task} line has {", ".join(keys[:-1])} and {keys[-1]}'
+    for key in strings:
+        if not isinstance(example[key], str):
+            return f'"{key}" must be a string, got {JSON_TYPES[type(example[key])]}'
+    return None
+
+
+def prepare_superglue(src, out, seed, allow_missing_train, problem, to_record):
+    """COPA and BoolQ (paper, Appendix A): train is the official train set; the official validation set, shuffled
+    with random.Random(seed), is halved into dev and test (test gets an odd one); the test set has no labels."""
+    train = read_jsonl(src, "train.jsonl", problem, optional=allow_missing_train)
+    val = read_jsonl(src, "val.jsonl", problem)
+    dev, test = split_off(val, len(val) // 2, seed)
+    splits = {"train": train, "dev": dev, "test": test}
+    return write_splits(out, {split: [to_record(e) for e in examples] for split, examples in splits.items()})
+
+
+def command_line(prepare, doc, out, src, seed, train=None, **options):
+    """The command line of a data/<task>/prepare.py: --src (a folder or zip holding `src`; default: download),
+    --out, --seed (what it shuffles: `seed`), --allow_missing_train when the task has a `train` file, and the
+    task's own integer options {name: (default, help)}. A problem the user can fix is one line on stderr."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", help=f"folder or zip with {src} (default: download)")
+    parser.add_argument("--out", default=out, help="folder for train/dev/test.jsonl (default: the script's)")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {seed} (default: 0)")
+    if train:
+        parser.add_argument("--allow_missing_train", action="store_true",
+                            help=f"if src has no {train}, write empty splits from it instead of failing")
+    for name, (default, text) in options.items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default: {default})")
+    try:
+        prepare(**vars(parser.parse_args()))
+    except UserError as e:  # anything else is a bug, and keeps its traceback
+        sys.exit(f"error: {e}")
 
 # -----------------------------------------------------------------------------
 # tasks and splits, for train.py

@@ -16,10 +16,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def smollm():
     """(model, tokenizer) of the small default model in fp32, loaded once; skipped when not installed."""
+    from errors import UserError
     from model import default_model_path, load
 
     try:
         default_model_path()
-    except FileNotFoundError as e:
+    except UserError as e:
         pytest.skip(str(e))
     return load()

@@ -466,32 +466,17 @@ def bad_line_error(tmp_path, line):
     return str(error.value)
 
 
-def test_malformed_json_is_reported_with_file_and_line(tmp_path):
-    assert "not valid JSON" in bad_line_error(tmp_path, '{"prompt": "a", "target": " b"')
-
-
-def test_missing_target_is_reported_with_file_and_line(tmp_path):
-    assert 'missing "target"' in bad_line_error(tmp_path, '{"prompt": "a"}')
-
-
-def test_non_string_prompt_is_reported_with_file_and_line(tmp_path):
-    assert '"prompt" must be a string, got a number' in bad_line_error(tmp_path, '{"prompt": 1, "target": " b"}')
-
-
-def test_empty_prompt_is_reported_with_file_and_line(tmp_path):
-    assert '"prompt" is empty' in bad_line_error(tmp_path, '{"prompt": "", "target": " b"}')
-
-
-def test_a_line_that_is_not_an_object_is_reported_with_file_and_line(tmp_path):
-    assert "got an array" in bad_line_error(tmp_path, '["a", " b"]')
-
-
-def test_a_blank_line_inside_the_file_is_reported_with_file_and_line(tmp_path):
-    assert "blank line" in bad_line_error(tmp_path, "")
-
-
-def test_bad_answers_are_reported_with_file_and_line(tmp_path):
-    assert '"answers"' in bad_line_error(tmp_path, '{"prompt": "a", "target": " b", "answers": []}')
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "target": " b"', "not valid JSON"),
+    ('{"prompt": "a"}', 'missing "target"'),
+    ('{"prompt": 1, "target": " b"}', '"prompt" must be a string, got a number'),
+    ('{"prompt": "", "target": " b"}', '"prompt" is empty'),
+    ('["a", " b"]', "got an array"),  # a line that is not an object
+    ("", "blank line"),  # a blank line inside the file
+    ('{"prompt": "a", "target": " b", "answers": []}', '"answers"'),
+])
+def test_a_bad_line_is_reported_with_its_file_and_line(line, message, tmp_path):
+    assert message in bad_line_error(tmp_path, line)
 
 # -----------------------------------------------------------------------------
 # metrics

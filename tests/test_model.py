@@ -121,26 +121,17 @@ def test_last_only_returns_the_last_position_of_the_full_logits():
 # -----------------------------------------------------------------------------
 # the KV cache and left padding: same logits as one plain forward pass
 
+@pytest.mark.parametrize("chunks", [[(t, t + 1) for t in range(12)], [(0, 5), (5, 9), (9, 12)]],
+                         ids=["one token at a time", "a prefill in chunks"])
 @pytest.mark.parametrize("name", ["mha", "gqa"])
-def test_decoding_one_token_at_a_time_through_the_cache_matches_one_forward_pass(name):
+def test_feeding_the_sequence_through_the_cache_matches_one_forward_pass(name, chunks):
     model = random_model(CONFIGS[name], VOCAB)
     x = tokens()
     cache = new_cache(model, 2)
     with torch.no_grad():
         full = model(x)
-        steps = [model(x[:, t:t + 1], start_pos=t, cache=cache) for t in range(x.shape[1])]
-    assert_close(torch.cat(steps, dim=1), full)
-
-
-@pytest.mark.parametrize("name", ["mha", "gqa"])
-def test_prefill_in_chunks_through_the_cache_matches_one_forward_pass(name):
-    model = random_model(CONFIGS[name], VOCAB)
-    x = tokens()
-    cache = new_cache(model, 2)
-    with torch.no_grad():
-        full = model(x)
-        chunks = [model(x[:, a:b], start_pos=a, cache=cache) for a, b in [(0, 5), (5, 9), (9, 12)]]
-    assert_close(torch.cat(chunks, dim=1), full)
+        pieces = [model(x[:, a:b], start_pos=a, cache=cache) for a, b in chunks]
+    assert_close(torch.cat(pieces, dim=1), full)
 
 
 def left_pad(rows, pad_id=0):

@@ -33,6 +33,21 @@ class Killed(BaseException):
     """Stands for SIGKILL: no `except Exception` in train.py can catch it."""
 
 
+def run_killed_before_step(argv, step, monkeypatch):
+    """train.main(argv), killed as optimizer step `step` (1-based) begins."""
+    lr_at = train.lr_at
+
+    def killed(s, *args):
+        if s == step - 1:
+            raise Killed()
+        return lr_at(s, *args)
+
+    monkeypatch.setattr(train, "lr_at", killed)
+    with pytest.raises(Killed):
+        train.main(argv)
+    monkeypatch.undo()
+
+
 # -----------------------------------------------------------------------------
 # the tiny task and the tiny model, written once per session
 
@@ -256,17 +271,7 @@ def assert_same_run(out, reference, model_dir):
 @pytest.mark.parametrize("method", ["para", "adalora"])  # AdaLoRA: its allocator's scores and masks resume too
 def test_a_killed_run_resumes_to_exactly_the_adapter_of_an_uninterrupted_run(
         method, tiny_task, tiny_model, tmp_path, monkeypatch, uninterrupted):
-    lr_at = train.lr_at
-
-    def killed_at_step_11(step, *args):
-        if step == 10:
-            raise Killed()
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(train, "lr_at", killed_at_step_11)
-    with pytest.raises(Killed):
-        train.main(flags(tiny_task, tiny_model, tmp_path / "out", method, *RESUME_FLAGS))
-    monkeypatch.undo()
+    run_killed_before_step(flags(tiny_task, tiny_model, tmp_path / "out", method, *RESUME_FLAGS), 11, monkeypatch)
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["state"]["step"] == 8
     with pytest.raises(UserError, match="--resume"):  # a fresh start would throw the interrupted run away
         train.main(flags(tiny_task, tiny_model, tmp_path / "out", method, *RESUME_FLAGS))
@@ -417,7 +422,7 @@ def test_the_command_line_trains_para_on_copa_with_the_small_default_model(tmp_p
 
     try:
         default_model_path()
-    except FileNotFoundError as e:
+    except UserError as e:
         pytest.skip(str(e))
     task = prepare(src=ASSETS / "copa", out=tmp_path / "copa")
     out = tmp_path / "out"
@@ -483,19 +488,9 @@ def test_a_run_deletes_only_the_files_it_writes_itself(tiny_task, tiny_model, tm
 
 def test_resuming_a_run_killed_before_its_first_checkpoint_starts_a_clean_log(
         tiny_task, tiny_model, tmp_path, monkeypatch):
-    lr_at = train.lr_at
-
-    def killed_at_step_3(step, *args):
-        if step == 2:
-            raise Killed()
-        return lr_at(step, *args)
-
     quick = flags(tiny_task, tiny_model, tmp_path / "out", "para", "--max_steps", 4, "--eval_interval", 4,
                   "--limit_eval", 2)
-    monkeypatch.setattr(train, "lr_at", killed_at_step_3)
-    with pytest.raises(Killed):
-        train.main(quick)
-    monkeypatch.undo()
+    run_killed_before_step(quick, 3, monkeypatch)
     assert not (tmp_path / "out" / "ckpt.pt").exists() and len(read_log(tmp_path / "out" / "log.jsonl")) == 2
     train.main(quick + ["--resume"])
     assert [r["step"] for r in read_log(tmp_path / "out" / "log.jsonl")] == [1, 2, 3, 4, 4]  # not 1, 2, 1, 2, ...
@@ -503,16 +498,8 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_starts_a_clean_log(
 
 def test_checkpoints_are_written_every_ckpt_minutes_between_dev_evaluations(
         tiny_task, tiny_model, tmp_path, monkeypatch):
-    lr_at = train.lr_at
-
-    def killed_at_step_4(step, *args):
-        if step == 3:
-            raise Killed()
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(train, "lr_at", killed_at_step_4)
-    with pytest.raises(Killed):  # dev loss every 30 steps; --ckpt_minutes 0: a checkpoint after every step
-        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--ckpt_minutes", 0))
+    # dev loss every 30 steps; --ckpt_minutes 0: a checkpoint after every step
+    run_killed_before_step(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--ckpt_minutes", 0), 4, monkeypatch)
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["state"]["step"] == 3
 
 

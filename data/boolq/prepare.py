@@ -9,14 +9,12 @@ odd count, test gets the extra one. The official test set has no labels and is n
     python data/boolq/prepare.py --src BoolQ.zip     # or a folder or zip with train.jsonl, val.jsonl
     python data/boolq/prepare.py --src ../shared/assets/boolq --allow_missing_train  # val only: dev/test
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import JSON_TYPES, download, read_jsonl, shown, split_off, write_splits
-from errors import UserError
+from data import command_line, download, field_problem, prepare_superglue, shown
 
 URL = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/BoolQ.zip"
 HERE = Path(__file__).resolve().parent
@@ -31,14 +29,8 @@ TEMPLATE = "Passage: {passage}\nQuestion: {question}?\nAnswer (True or False):"
 
 def problem(example):
     """What is wrong with one line of an official BoolQ file, or None; checked before any file is written."""
-    if not isinstance(example, dict):
-        return f"expected a JSON object, got {JSON_TYPES[type(example)]}"
-    for key in ("question", "passage", "label", "idx"):
-        if key not in example:
-            return f'missing "{key}"; a BoolQ line has question, passage, label and idx'
-    for key in ("question", "passage"):
-        if not isinstance(example[key], str):
-            return f'"{key}" must be a string, got {JSON_TYPES[type(example[key])]}'
+    if shape := field_problem(example, "BoolQ", ("question", "passage", "label", "idx"), ("question", "passage")):
+        return shape
     if not isinstance(example["label"], bool):  # "False" (a string) would be truthy and read as True
         return f'"label" must be true or false (JSON booleans), got {shown(example["label"])}'
     return None
@@ -53,21 +45,9 @@ def to_record(example):
 def prepare(src=None, out=HERE, seed=0, allow_missing_train=False):
     """Write out/{train,dev,test}.jsonl from src (a folder or zip; None downloads the official zip)."""
     src = src or download(URL, Path(out) / "BoolQ.zip")
-    train = read_jsonl(src, "train.jsonl", problem, optional=allow_missing_train)
-    val = read_jsonl(src, "val.jsonl", problem)
-    dev, test = split_off(val, len(val) // 2, seed)
-    splits = {"train": train, "dev": dev, "test": test}
-    return write_splits(out, {split: [to_record(e) for e in examples] for split, examples in splits.items()})
+    return prepare_superglue(src, out, seed, allow_missing_train, problem, to_record)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", help="folder or zip with train.jsonl and val.jsonl (default: download)")
-    parser.add_argument("--out", default=HERE, help="folder for train/dev/test.jsonl (default: this file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dev/test halving (default: 0)")
-    parser.add_argument("--allow_missing_train", action="store_true",
-                        help="if src has no train.jsonl, write an empty train.jsonl instead of failing")
-    try:
-        prepare(**vars(parser.parse_args()))
-    except UserError as e:  # anything else is a bug, and keeps its traceback
-        sys.exit(f"error: {e}")
+    command_line(prepare, __doc__, HERE, src="train.jsonl and val.jsonl", seed="the dev/test halving",
+                 train="train.jsonl")

@@ -11,13 +11,12 @@ paper does not say which subset it kept, so all of them are used.
                                                                #   dev-v1.1.json (either may be .gz)
     python data/squad/prepare.py --src ../shared/assets/squad --allow_missing_train  # dev only: test
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import FIX, download, read_json, split_off, write_splits
+from data import FIX, command_line, download, read_json, split_off, write_splits
 from errors import UserError
 
 URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
@@ -93,14 +92,5 @@ def prepare(src=None, out=HERE, seed=0, allow_missing_train=False, n_dev=1000):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", help="folder or zip with train-v1.1.json and dev-v1.1.json (default: download)")
-    parser.add_argument("--out", default=HERE, help="folder for train/dev/test.jsonl (default: this file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dev draw from train (default: 0)")
-    parser.add_argument("--allow_missing_train", action="store_true",
-                        help="if src has no train-v1.1.json, write empty train and dev files instead of failing")
-    parser.add_argument("--n_dev", type=int, default=1000, help="questions moved from train to dev (default: 1000)")
-    try:
-        prepare(**vars(parser.parse_args()))
-    except UserError as e:  # anything else is a bug, and keeps its traceback
-        sys.exit(f"error: {e}")
+    command_line(prepare, __doc__, HERE, src="train-v1.1.json and dev-v1.1.json", seed="the dev draw from train",
+                 train="train-v1.1.json", n_dev=(1000, "questions moved from train to dev"))

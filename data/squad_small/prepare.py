@@ -24,14 +24,13 @@ Whole articles overshoot the thresholds (one article has 810 questions); seed 1 
     python data/squad_small/prepare.py                              # downloads the official dev-v1.1.json
     python data/squad_small/prepare.py --src ../shared/assets/squad  # or a folder or zip with dev-v1.1.json(.gz)
 """
-import argparse
 import random
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data import download, read_json, write_splits
+from data import command_line, download, read_json, write_splits
 from data.squad.prepare import URL, article_records, articles
 from errors import UserError
 
@@ -71,13 +70,6 @@ def prepare(src=None, out=HERE, seed=0, n_test=1000, n_dev=300, allow_missing_tr
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", help="folder or zip with dev-v1.1.json or dev-v1.1.json.gz (default: download)")
-    parser.add_argument("--out", default=HERE, help="folder for train/dev/test.jsonl (default: this file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the article draw and train order (default: 0)")
-    parser.add_argument("--n_test", type=int, default=1000, help="least questions in test (default: 1000)")
-    parser.add_argument("--n_dev", type=int, default=300, help="least questions in dev (default: 300)")
-    try:
-        prepare(**vars(parser.parse_args()))
-    except UserError as e:  # anything else is a bug, and keeps its traceback
-        sys.exit(f"error: {e}")
+    command_line(prepare, __doc__, HERE, src="dev-v1.1.json or dev-v1.1.json.gz",
+                 seed="the article draw and the train order", n_test=(1000, "least questions in test"),
+                 n_dev=(300, "least questions in dev"))
