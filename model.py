@@ -12,10 +12,8 @@ nh query heads, nkv key/value heads, hd head dim, D model dim.
 """
 import glob
 import importlib.util
-import json
-import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -3,7 +3,6 @@
 (the one exception the command lines print without a traceback) that names the file and the fix."""
 import importlib.util
 import json
-import os
 import re
 import shutil
 

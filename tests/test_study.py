@@ -1,6 +1,5 @@
 """study.py end to end on the tiny model and a tiny task with SQuAD-style answers: the learning rate chosen on dev,
 more seeds for PARA and the strongest baseline, a resumable set of runs, and the table with its intervals."""
-import json
 
 import numpy as np
 import pytest
