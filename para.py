@@ -40,7 +40,9 @@ def cast_back(out, dtype):
     the next operation (RoPE, SiLU(G) ⊙ U', a matmul): the base output it scales or adds to is a bf16 value,
     and cast right here, a change smaller than bf16's resolution (2^-8) would round back to it, so that an
     adapter near its start (a vector 1 + 1e-4) would change nothing at all."""
-    return out if torch.is_autocast_enabled(out.device.type) else out.to(dtype)
+    if out.dtype == dtype or torch.is_autocast_enabled(out.device.type):  # fp32 models: nothing to do, at no cost
+        return out
+    return out.to(dtype)
 
 
 class VectorGenerator(nn.Module):

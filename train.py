@@ -67,7 +67,8 @@ def parser():
         "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
     arg("--lora_alpha", type=float, default=8.0, help="LoRA's and AdaLoRA's scaling is alpha / r (8: PEFT's default)")
     arg("--lora_targets", default="wq,wv", help="LoRA's and AdaLoRA's matrices, comma-separated Meta names")
-    arg("--ia3_targets", default="wk,wv,w2", help="(IA)^3's matrices (wq,wv,w3: PARA's static twin)")
+    arg("--ia3_targets", default="wk,wv,w3", help="(IA)^3's matrices, each output scaled (w3: the FFN intermediate; "
+        "wq,wv,w3: PARA's static twin)")
     arg("--adalora_target_r", type=int, default=8, help="AdaLoRA's final average rank per matrix")
     arg("--adalora_tinit", type=int, help="AdaLoRA: steps at the initial budget (default: 10%% of the steps)")
     arg("--adalora_tfinal", type=int, help="AdaLoRA: last steps at the final budget (default: 30%% of the steps)")
@@ -352,12 +353,17 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     return results
 
 
+METHOD_FLAGS = {"para": ("r",), "ia3": ("ia3_targets",), "lora": ("r", "lora_alpha", "lora_targets"),
+                "adalora": ("r", "lora_alpha", "lora_targets", "adalora_target_r", "adalora_tinit", "adalora_tfinal",
+                            "adalora_deltaT", "adalora_beta", "adalora_orth_reg_weight"), "houlsby": ("r",), "none": ()}
+
+
 def run_settings(args, seed, where):
-    """The flags that shape the training run: --resume refuses a checkpoint made with others."""
-    names = ("task", "ckpt_dir", "method", "r", "lora_alpha", "lora_targets", "ia3_targets", "adalora_target_r",
-             "adalora_tinit", "adalora_tfinal", "adalora_deltaT", "adalora_beta", "adalora_orth_reg_weight", "lr",
-             "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_seq_len",
-             "limit_train", "eval_interval", "patience", "dtype")
+    """The flags that shape the training run (the method's own, and the recipe's): --resume refuses a checkpoint
+    made with others."""
+    names = ("task", "ckpt_dir", "method", *METHOD_FLAGS[args.method], "lr", "weight_decay", "warmup_ratio",
+             "grad_clip", "epochs", "max_steps", "batch_size", "max_seq_len", "limit_train", "eval_interval",
+             "patience", "dtype")
     return {k: getattr(args, k) for k in names} | {"seed": seed, "world_size": where.world}
 
 
@@ -375,8 +381,8 @@ def claim_out_dir(args, out_dir, settings, where):
         if not isinstance(ckpt, dict) or "settings" not in ckpt:
             raise UserError(f"{out_dir / 'ckpt.pt'} is not a training checkpoint of train.py: remove it, or pass "
                             "--overwrite to start afresh")
-        if ckpt["settings"] != settings:
-            changed = {k: (ckpt["settings"].get(k), v) for k, v in settings.items() if ckpt["settings"].get(k) != v}
+        changed = {k: (ckpt["settings"].get(k), v) for k, v in settings.items() if ckpt["settings"].get(k) != v}
+        if changed:
             raise UserError(f"cannot --resume {out_dir}: its run used other settings, (then, now): {changed}")
     if where.master:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,16 +33,16 @@ def logits_with_and_without_hooks(model, add_hooks):
 def test_ia3_vectors_start_at_one_on_k_v_and_the_ffn_intermediate():
     block = fresh("ia3").layers[0]
     d_kv = block.attention.wk.out_features
-    ffn = block.feed_forward
-    for module, size in ((block.attention.wk, d_kv), (block.attention.wv, d_kv), (ffn.w2, ffn.w2.in_features)):
+    ffn = block.feed_forward  # the intermediate silu(G) ⊙ U, scaled as U: w3's output
+    for module, size in ((block.attention.wk, d_kv), (block.attention.wv, d_kv), (ffn.w3, ffn.w2.in_features)):
         assert torch.equal(module.ia3_vector, torch.ones(size))
-    assert not isinstance(block.attention.wq, baselines.IA3Linear) and not isinstance(ffn.w3, baselines.IA3Linear)
+    assert not isinstance(block.attention.wq, baselines.IA3Linear) and not isinstance(ffn.w2, baselines.IA3Linear)
 
 
 def test_ia3_on_paras_targets_is_its_static_twin_scaling_the_outputs_of_wq_wv_and_w3():
     block = adapters.add_adapter(wide_model(), "ia3", targets=["wq", "wv", "w3"]).layers[0]
     att, ffn = block.attention, block.feed_forward
-    assert all(isinstance(m, baselines.IA3Linear) and not m.on_input for m in (att.wq, att.wv, ffn.w3))
+    assert all(isinstance(m, baselines.IA3Linear) for m in (att.wq, att.wv, ffn.w3))
     assert not isinstance(att.wk, baselines.IA3Linear) and not isinstance(ffn.w2, baselines.IA3Linear)
 
 
@@ -63,7 +63,7 @@ def test_ia3_equals_hf_llama_with_scaled_k_v_and_ffn_intermediate_as_hooks():
     def hooks(hf):
         for ours, layer in zip(model.layers, hf.model.layers):
             l_k = meta_to_hf_rope(ours.attention.wk.ia3_vector, a.n_kv_heads)  # K rows follow wk into HF's layout
-            l_v, l_ff = ours.attention.wv.ia3_vector, ours.feed_forward.w2.ia3_vector
+            l_v, l_ff = ours.attention.wv.ia3_vector, ours.feed_forward.w3.ia3_vector
             layer.self_attn.k_proj.register_forward_hook(lambda m, inp, out, l=l_k: l * out)
             layer.self_attn.v_proj.register_forward_hook(lambda m, inp, out, l=l_v: l * out)
             layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, l=l_ff: (l * inp[0],))  # silu(G)*U, before W2

@@ -222,21 +222,25 @@ def test_result_reports_its_speed(tiny):
 # Adapters (multi-tenant serving): one base model, an adapter per row
 
 
-@pytest.fixture(scope="module")
-def adapter_paths(tiny_dir, tmp_path_factory):
-    """Two PARA adapter files for the tiny model, with random weights (a fresh adapter would change nothing)."""
+def adapter_files(tiny_dir, folder, method, **settings):
+    """Two adapter files of `method` for the tiny model, with random weights (a fresh adapter would change nothing)."""
     model, _ = load(str(tiny_dir))
-    adapters.add_adapter(model, "para", n_adapters=2, r=4)
+    adapters.add_adapter(model, method, n_adapters=2, **settings)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if adapters.is_adapter_param(name):
                 p.copy_(torch.randn_like(p) * 0.5 + (1 if name.endswith("bias") else 0))
-    folder = tmp_path_factory.mktemp("adapters")
     paths = [str(folder / "a.pt"), str(folder / "b.pt")]
     for i, path in enumerate(paths):
         adapters.save_adapter(model, path, index=i)
     return paths
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tiny_dir, tmp_path_factory):
+    """Two PARA adapter files for the tiny model."""
+    return adapter_files(tiny_dir, tmp_path_factory.mktemp("adapters"), "para", r=4)
 
 
 def with_adapters(tiny_dir, paths):
@@ -261,7 +265,9 @@ def test_rows_with_different_adapters_generate_what_each_adapter_generates_alone
     assert batch != plain, "the adapters changed nothing: the test would not see a row getting the wrong one"
 
 
-def test_cli_serves_each_prompts_file_line_with_its_own_adapter(tiny_dir, adapter_paths, tmp_path, capsys):
+@pytest.mark.parametrize("method, settings", [("para", dict(r=4)), ("adalora", dict(r=4)), ("houlsby", dict(size=4))])
+def test_cli_serves_each_prompts_file_line_with_its_own_adapter(method, settings, tiny_dir, tmp_path, capsys):
+    adapter_paths = adapter_files(tiny_dir, tmp_path, method, **settings)
     lines = [("w5 w6 w7", adapter_paths[1]), ("w9 w10 w11 w12", adapter_paths[0]), ("w20", adapter_paths[1])]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "adapter": a}) + "\n" for p, a in lines))
@@ -271,6 +277,9 @@ def test_cli_serves_each_prompts_file_line_with_its_own_adapter(tiny_dir, adapte
     singles = {a: with_adapters(tiny_dir, [a]) for a in adapter_paths}
     expected = [generate.generate(*singles[a], [singles[a][1].encode(p)], max_new_tokens=6)[0].tokens for p, a in lines]
     assert [json.loads(line)["tokens"] for line in out.splitlines()] == expected
+    base, tokenizer = load(str(tiny_dir))
+    assert expected != [generate.generate(base, tokenizer, [tokenizer.encode(p)], max_new_tokens=6)[0].tokens
+                        for p, _ in lines]  # the adapters matter
 
 
 def test_cli_refuses_prompts_with_and_without_adapters_mixed(tiny_dir, adapter_paths, tmp_path, capsys):
