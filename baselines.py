@@ -210,7 +210,7 @@ class RankAllocator:
 
     def allocate(self, budget):
         """(n, r): True for the `budget` best triplets of all matrices (ties at the threshold are all pruned)."""
-        if budget >= self.b0:
+        if budget >= self.b0 or not self.avg_ipt:  # nothing to prune, or no score yet (a run of very few steps)
             return None
         s = {p: self.avg_ipt[p] * self.avg_unc[p] for p in self.avg_ipt}
         scores = torch.stack([s[m.lora_E].view(-1) + (s[m.lora_A].mean(1) + s[m.lora_B].mean(0))

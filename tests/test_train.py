@@ -548,3 +548,9 @@ def test_bf16_training_tracks_fp32_training_step_by_step(method, tiny_task, tiny
     # Measured: bf16 rounding of the base model moves step 1's loss by 3e-4 (0.01% of it), and the curves stay
     # within 1.6e-3 of each other over the 20 steps (PARA, (IA)^3, LoRA). 1% of the base loss is 15 times that.
     assert all(abs(b - f) < 0.01 * base for b, f in zip(bf16, fp32)), list(zip(bf16, fp32))
+
+
+def test_adalora_runs_a_schedule_even_of_two_steps(tiny_task, tiny_model, tmp_path):
+    # 2 steps: its final allocation (at step 2 - 30% = 1) comes before any triplet was scored; nothing is pruned
+    results = train.main(flags(tiny_task, tiny_model, tmp_path / "out", "adalora", "--max_steps", 2, "--limit_eval", 2))
+    assert results["steps"] == 2
