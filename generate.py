@@ -189,10 +189,18 @@ def check_generation(prompts, *, max_new_tokens, max_seq_len, temperature, top_k
             )
 
 
+def stop_at(text, stop):
+    """Where the earliest stop string begins in text, or None. Its leading whitespace does not count, so that
+    a stop string "\n" ends the first line of an answer, not a newline before it."""
+    start = len(text) - len(text.lstrip())
+    found = [i for i in (text.find(s, start) for s in stop or []) if i >= 0]
+    return min(found) if found else None
+
+
 def cut_at_stop(text, stop):
-    """text up to (not including) the earliest stop string in it."""
-    ends = [i for i in (text.find(s) for s in stop or []) if i >= 0]
-    return text[: min(ends)] if ends else text
+    """text up to (not including) the earliest stop string in it (after its leading whitespace)."""
+    end = stop_at(text, stop)
+    return text if end is None else text[:end]
 
 
 @torch.inference_mode()
@@ -229,7 +237,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens=256, 
         decode = lambda token, pos: decode_step(model, token, pos, cache)
 
     def ends(ids):  # a stop string in the text of ids
-        return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
+        return bool(stop) and stop_at(tokenizer.decode(ids), stop) is not None
 
     start = time.perf_counter()
     logits = prefill(model, tokens, cache)  # (B, vocab); PARA computes each row's vectors here

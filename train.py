@@ -614,7 +614,7 @@ class Run:
                 continue
             prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
                                      tokenizer.bos_id) for r in records]
-            preds = self.generate_all(prompts, max_new_tokens, split)
+            preds = self.generate_all(prompts, max_new_tokens, split, metric.stop)
             results[split] = metric(preds, records)
             predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
                             for r, p in zip(records, preds)]
@@ -630,9 +630,10 @@ class Run:
                           "seed": self.settings["seed"], "settings": self.settings, "peak_memory_bytes": memory,
                           "peak_memory_kind": kind}
 
-    def generate_all(self, prompts, max_new_tokens, split):
+    def generate_all(self, prompts, max_new_tokens, split, stop):
         """The generated text of every prompt: longest first, in batches of similar length (less left-padding);
-        each process takes every world-th batch."""
+        each process takes every world-th batch. Generation stops at EOS, or at `stop` (beyond which the metric
+        reads nothing)."""
         args, where = self.args, self.where
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
@@ -640,7 +641,7 @@ class Run:
         for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
             with self.autocast:
                 outs = generate(self.model, self.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
-                                num_beams=args.num_beams, compile=args.compile)
+                                num_beams=args.num_beams, stop=stop, compile=args.compile)
             preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
         if where.world > 1:
             gathered = [None] * where.world

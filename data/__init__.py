@@ -378,14 +378,18 @@ def squad_metrics(preds, answers_list):
 def metric_for(task):
     """metric(preds, records) -> {name: percent} for a task's name or folder; the first key is the paper's
     headline. Test records with "answers" get squad_metrics on the first line of each prediction ("f1-em");
-    others get accuracy against "label" ("acc"), or against the stripped target when there is no label."""
+    others get accuracy against "label" ("acc"), or against the stripped target when there is no label.
+    The metric's `stop` is where generation may stop without changing the score: the end of the first line.
+    """
     records = load_split(resolve_task(task), "test")
     if records and all("answers" in r for r in records):
         def squad(preds, records):
             first_lines = [p.strip().split("\n")[0] for p in preds]
             return squad_metrics(first_lines, [r["answers"] for r in records])
+        squad.stop = ["\n"]  # generate.py's stop strings do not count leading whitespace, as strip() here
         return squad
 
     def acc(preds, records):
         return {"acc": accuracy(preds, [r.get("label", r["target"].strip()) for r in records])}
+    acc.stop = None  # a label word may be followed by anything (accuracy's docstring)
     return acc

@@ -210,6 +210,26 @@ def test_stop_string_ends_generation_and_is_cut_from_the_text(tiny):
     assert result.text == tokenizer.decode(free[: first + 1])[: -len(stop)]
 
 
+@pytest.mark.parametrize("text, cut", [
+    ("Denver Broncos\nThe answer is", "Denver Broncos"),
+    (" \n Denver Broncos\nmore", " \n Denver Broncos"),  # a newline in the leading whitespace is not the end
+    ("no newline", "no newline"),
+])
+def test_a_stop_string_counts_after_the_leading_whitespace(text, cut):
+    assert generate.cut_at_stop(text, ["\n"]) == cut
+
+
+def test_a_squad_metric_scores_exactly_what_generation_stopped_at_its_stop_string_keeps(tmp_path):
+    # train.py stops generating where the metric stops reading: the end of the first line
+    from data import metric_for
+    from test_train import write_task
+
+    record = {"prompt": "q", "target": " Denver Broncos", "answers": ["Denver Broncos"]}
+    metric = metric_for(write_task(tmp_path / "qa", {s: [record] for s in ("train", "dev", "test")}))
+    for full in (" Denver Broncos\nThe answer is Denver", "\n\nDenver Broncos\n", " Denver\n Broncos"):
+        assert metric([generate.cut_at_stop(full, metric.stop)], [record]) == metric([full], [record])
+
+
 def test_result_reports_its_speed(tiny):
     _, model, tokenizer = tiny
     result = generate.generate(model, tokenizer, random_prompts([5]), max_new_tokens=4, eos_id=-1)[0]
