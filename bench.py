@@ -8,17 +8,18 @@ Generation speed and memory: the paper's Table 4, multi-tenant serving, and gene
 The setting is the paper's Sec. 4.5: a prompt of 274 tokens, 32 new tokens, beam 1 and 3. EOS is switched off,
 so that every method always makes exactly that many tokens. Sections (--sections):
 
-table4       The base model, PARA (r = 12), (IA)^3 and unmerged LoRA with a rank that matches PARA's parameter
-             count, one prompt. The adapters get random weights (a fresh adapter is the base model itself, and
+table4       The base model, PARA (r = 12), (IA)^3, and unmerged LoRA, AdaLoRA and Houlsby adapters (LoRA's rank and
+             the Houlsby bottleneck matching PARA's parameter count), one prompt. The adapters get random weights (a fresh adapter is the base model itself, and
              a zero LoRA B or a vector of ones could be skipped by a clever kernel); --init leaves them at
              their initialisation, where every method must generate the base model's tokens.
 multitenant  One batch of --batch different prompts of --prompt_len tokens each (windows of one text, so no
              row is padded), greedy. Each method serves it with a single adapter for every row, and with a
              bank of --batch adapters, row i using adapter i: PARA gathers each row's vector generator once,
-             in the prefill; (IA)^3 gathers each row's vectors and LoRA each row's A and B at every step.
+             in the prefill; (IA)^3 gathers each row's vectors, LoRA and AdaLoRA each row's A and B, and the
+             Houlsby adapter each row's bottleneck, at every step.
 hf           generate.py against HF Transformers' generate on the same weights (greedy and beam 3), the base
              model, with the best any decoder could do here: our prefill, then every step at the ceiling.
-compile     Greedy decode steps/s of one prompt, eager and compiled (--compile: torch.compile of the decode step
+compile      Greedy decode steps/s of one prompt, eager and compiled (--compile: torch.compile of the decode step
              over a static KV cache, CUDA graphs on CUDA), each as a fraction of the ceiling measured in the same
              rounds; the compile time and the number of new tokens after which compiling pays off.
 train        Our train step (forward, backward, AdamW on 16 examples of --task) against HF Transformers + PEFT's
@@ -236,24 +237,24 @@ def median_interval(values, confidence=0.95):
 # Sections: each returns rows, one dict per row
 
 
-def methods(s):
+def methods(args):
     """name -> (method, settings) of each row: the base model, PARA, and the baselines, LoRA and the Houlsby
     adapter count-matched to PARA, AdaLoRA at PEFT's initial rank (unmerged, like LoRA)."""
     return {"base": (None, {}), f"PARA r={PARA_R}": ("para", {"r": PARA_R}), "(IA)^3": ("ia3", {}),
-            f"LoRA r={s.lora_r}": ("lora", {"r": s.lora_r}), "AdaLoRA r=12": ("adalora", {"r": 12}),
-            f"Houlsby m={s.houlsby}": ("houlsby", {"size": s.houlsby})}
+            f"LoRA r={args.lora_r}": ("lora", {"r": args.lora_r}), "AdaLoRA r=12": ("adalora", {"r": 12}),
+            f"Houlsby m={args.houlsby}": ("houlsby", {"size": args.houlsby})}
 
 
-def table4(base, tokenizer, s, device):
+def table4(base, tokenizer, args, device):
     """The paper's Table 4: one prompt, beam 1 and 3, every method, tokens/s and peak memory."""
-    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
-    models = {name: with_adapter(base, m, kw, 1, not s.init, seed=1) for name, (m, kw) in methods(s).items()}
+    prompt = prompts_from_text(tokenizer, 1, args.prompt_len)
+    models = {name: with_adapter(base, m, kw, 1, not args.init, seed=1) for name, (m, kw) in methods(args).items()}
     jobs = {(name, beams): (lambda name=name, beams=beams: run_generate(models[name], tokenizer, prompt, beams,
-                                                                        s.new_tokens, compile=s.compile))
+                                                                        args.new_tokens, compile=args.compile))
             for beams in (1, 3) for name in models}
     warm_up(jobs)
     memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
-    results = interleaved(jobs, s.runs)
+    results = interleaved(jobs, args.runs)
     para = f"PARA r={PARA_R}"
     rows = []
     for name, beams in jobs:
@@ -261,36 +262,36 @@ def table4(base, tokenizer, s, device):
         tensors = adapters.adapter_state_dict(models[name]).values()
         rows.append({
             "section": "table4", "method": name, "adapter params": sum(t.numel() for t in tensors), "beams": beams,
-            "tokens/s": rate(runs, s.new_tokens, 1), "/ base": speedup(runs, ref), "PARA / it": speedup(ours, runs),
+            "tokens/s": rate(runs, args.new_tokens, 1), "/ base": speedup(runs, ref), "PARA / it": speedup(ours, runs),
             "95% CI": {"/ base": median_interval(ratios(runs, ref)), "PARA / it": median_interval(ratios(ours, runs))},
-            "decode tok/s": rate(runs, s.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
+            "decode tok/s": rate(runs, args.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
             "peak MiB": memory[name, beams], "adapter MiB": tensor_bytes(tensors) / 2**20,
             "peak - base - adapter MiB": memory[name, beams] - memory["base", beams] - tensor_bytes(tensors) / 2**20,
             "= base tokens": runs[-1][0] == ref[-1][0], "tokens": runs[-1][0], "seconds": [r[1] for r in runs]})
     return rows
 
 
-def multi_tenant(base, tokenizer, s, device):
+def multi_tenant(base, tokenizer, args, device):
     """One batch of different prompts, greedy: each method with one adapter for all rows, and with one per row."""
-    prompts = prompts_from_text(tokenizer, s.batch, s.prompt_len)
+    prompts = prompts_from_text(tokenizer, args.batch, args.prompt_len)
     models, ids = {}, {}
-    for name, (m, settings) in methods(s).items():
-        for n in ((1,) if m is None else (1, s.batch)):
-            models[name, n] = with_adapter(base, m, settings, n, not s.init, seed=2)
-            ids[name, n] = list(range(s.batch)) if n > 1 else None  # row i uses adapter i
-    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, s.new_tokens, ids[key], s.compile))
+    for name, (m, settings) in methods(args).items():
+        for n in ((1,) if m is None else (1, args.batch)):
+            models[name, n] = with_adapter(base, m, settings, n, not args.init, seed=2)
+            ids[name, n] = list(range(args.batch)) if n > 1 else None  # row i uses adapter i
+    jobs = {key: (lambda key=key: run_generate(models[key], tokenizer, prompts, 1, args.new_tokens, ids[key], args.compile))
             for key in models}
     warm_up(jobs)
-    results = interleaved(jobs, s.runs)
-    n_tokens, para = s.batch * s.new_tokens, f"PARA r={PARA_R}"
+    results = interleaved(jobs, args.runs)
+    n_tokens, para = args.batch * args.new_tokens, f"PARA r={PARA_R}"
     rows = []
     for (name, n), runs in results.items():
         one, ours = results[name, 1], results[para, n if name != "base" else 1]
         rows.append({
-            "section": "multitenant", "method": name, "adapters": n if name != "base" else 0, "batch": s.batch,
+            "section": "multitenant", "method": name, "adapters": n if name != "base" else 0, "batch": args.batch,
             "tokens/s": rate(runs, n_tokens, 1), "/ base": speedup(runs, results["base", 1]),
             "/ one adapter": speedup(runs, one), "PARA / it": speedup(ours, runs),
-            "decode tok/s": rate(runs, s.batch * (s.new_tokens - 1), 2), "decode / one adapter": speedup(runs, one, 2),
+            "decode tok/s": rate(runs, args.batch * (args.new_tokens - 1), 2), "decode / one adapter": speedup(runs, one, 2),
             "95% CI": {"/ one adapter": median_interval(ratios(runs, one)), "PARA / it": median_interval(ratios(ours, runs))},
             "= base tokens": runs[-1][0] == results["base", 1][-1][0], "tokens": runs[-1][0],
             "seconds": [r[1] for r in runs]})
@@ -307,10 +308,10 @@ def load_hf(path, device, dtype):
     return hf.to(device).eval()
 
 
-def versus_hf(base, tokenizer, s, device, hf):
+def versus_hf(base, tokenizer, args, device, hf):
     """Ours against HF's generate on the same weights, base model, greedy and beam 3."""
     hf.generation_config.eos_token_id = None  # no EOS: exactly new_tokens tokens, as ours with eos_id=-1
-    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
+    prompt = prompts_from_text(tokenizer, 1, args.prompt_len)
 
     def run_hf(beams):
         tokens = torch.tensor(prompt, device=device)
@@ -318,26 +319,26 @@ def versus_hf(base, tokenizer, s, device, hf):
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, num_beams=beams,
-                              max_new_tokens=s.new_tokens, pad_token_id=tokenizer.pad_id)
+                              max_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_id)
         sync(device)
         return [out[0, len(prompt[0]):].tolist()], time.perf_counter() - start
 
     jobs = {}
     for beams in (1, 3):
-        jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, s.new_tokens,
-                                                               compile=s.compile)
+        jobs["ours", beams] = lambda beams=beams: run_generate(base, tokenizer, prompt, beams, args.new_tokens,
+                                                               compile=args.compile)
         jobs["HF", beams] = lambda beams=beams: run_hf(beams)
     warm_up(jobs)
-    results = interleaved(jobs, s.runs)
+    results = interleaved(jobs, args.runs)
     rows = []
     for beams in (1, 3):
         ours, theirs = results["ours", beams], results["HF", beams]
         rows.append({
             "section": "hf", "measurement": "greedy" if beams == 1 else f"beam {beams}",
-            "ours tokens/s": rate(ours, s.new_tokens, 1), "HF tokens/s": rate(theirs, s.new_tokens, 1),
+            "ours tokens/s": rate(ours, args.new_tokens, 1), "HF tokens/s": rate(theirs, args.new_tokens, 1),
             "ours / HF": speedup(ours, theirs), "95% CI": {"ours / HF": median_interval(ratios(ours, theirs))},
             "same tokens": ours[-1][0] == theirs[-1][0],
-            "ours decode steps/s": rate(ours, s.new_tokens - 1, 2),
+            "ours decode steps/s": rate(ours, args.new_tokens - 1, 2),
             "ours prefill s": statistics.median(r[1] - r[2] for r in ours),
             "seconds": {"ours": [r[1] for r in ours], "HF": [r[1] for r in theirs]}})
     return rows
@@ -364,19 +365,19 @@ def ceiling(base, device, steps=10):
             "ours decode steps/s": 1 / statistics.median(times)}
 
 
-def compiled_decode(base, tokenizer, s, device):
+def compiled_decode(base, tokenizer, args, device):
     """Greedy decode steps/s of one prompt, eager and compiled (generate.py --compile), each against the ceiling
     measured in the same rounds; the compile time, and the new tokens after which compiling has paid for itself."""
-    prompt = prompts_from_text(tokenizer, 1, s.prompt_len)
-    steps = s.new_tokens - 1
+    prompt = prompts_from_text(tokenizer, 1, args.prompt_len)
+    steps = args.new_tokens - 1
     start = time.perf_counter()
-    run_generate(base, tokenizer, prompt, 1, s.new_tokens, compile=True)  # compiles
+    run_generate(base, tokenizer, prompt, 1, args.new_tokens, compile=True)  # compiles
     first_call = time.perf_counter() - start
-    jobs = {"eager": lambda: run_generate(base, tokenizer, prompt, 1, s.new_tokens),
-            "compiled": lambda: run_generate(base, tokenizer, prompt, 1, s.new_tokens, compile=True),
+    jobs = {"eager": lambda: run_generate(base, tokenizer, prompt, 1, args.new_tokens),
+            "compiled": lambda: run_generate(base, tokenizer, prompt, 1, args.new_tokens, compile=True),
             "ceiling": lambda: (None, None, steps * ceiling_pass(base, device))}  # the same steps at the ceiling
     warm_up(jobs)
-    results = interleaved(jobs, s.runs)
+    results = interleaved(jobs, args.runs)
     rows = []
     for name in ("eager", "compiled"):
         runs = results[name]
@@ -392,7 +393,7 @@ def compiled_decode(base, tokenizer, s, device):
     return rows
 
 
-def training(base, tokenizer, s, device, dtype, path):
+def training(base, tokenizer, args, device, dtype, path):
     """Our train step (forward, backward, AdamW) against HF Transformers + PEFT's, on the same 16 training examples
     of --task and the same weights, interleaved: LoRA count-matched on q and v, (IA)^3, and PARA's own."""
     import train
@@ -400,7 +401,7 @@ def training(base, tokenizer, s, device, dtype, path):
 
     from data import TASKS, load_split, prepare_task, resolve_task
 
-    folder = prepare_task(s.task, src=s.src) if s.task in TASKS else resolve_task(s.task)
+    folder = prepare_task(args.task, src=args.src) if args.task in TASKS else resolve_task(args.task)
     examples, _ = train.tokenize(load_split(folder, "train")[:16], tokenizer, 2048)
     tokens, targets, prompt_len = train.collate(examples, tokenizer.pad_id, device)  # one batch, right-padded
     n_targets, n_tokens = (targets != -100).sum(), sum(len(p) + len(t) - 1 for p, t in examples)
@@ -422,19 +423,19 @@ def training(base, tokenizer, s, device, dtype, path):
         return step
 
     ours, theirs = {}, {}
-    for name, (method, settings) in methods(s).items():
+    for name, (method, settings) in methods(args).items():
         if method in ("para", "ia3", "lora"):
             model = with_adapter(base, method, settings, 1, False, seed=3).train()
             adapters.mark_only_adapter_as_trainable(model)
             ours[name] = step_of(model, lambda x, model=model: model(x, prompt_len=prompt_len))
-    peft = {f"LoRA r={s.lora_r}": LoraConfig(r=s.lora_r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    peft = {f"LoRA r={args.lora_r}": LoraConfig(r=args.lora_r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
             "(IA)^3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
     for name, config in peft.items():
         model = get_peft_model(load_hf(path, device, dtype), config).train()
         theirs[name] = step_of(model, lambda x, model=model: model(input_ids=x).logits)
     jobs = {("ours", n): job for n, job in ours.items()} | {("HF+PEFT", n): job for n, job in theirs.items()}
     warm_up(jobs)
-    results = interleaved(jobs, s.runs)
+    results = interleaved(jobs, args.runs)
     rows = []
     for name in ours:
         mine, peft_runs = results["ours", name], results.get(("HF+PEFT", name))
