@@ -365,9 +365,13 @@ def step_one_prompt(beams, finished, candidates, top_index, *, V, first_row, len
             running.append((first_row + beam, token, sum_logp[j], tokens))
             bound = best_possible[j] if bound is None else bound
     full = len(finished) == num_beams
-    if length == max_new_tokens or (full and (early_stopping is True or bound <= finished[-1][0])):
-        return None
-    return running
+    if length == max_new_tokens or not running or (full and (early_stopping is True or bound <= finished[-1][0])):
+        return None  # done; also when every candidate ended (stop strings can end many at once)
+    # Stop strings can end more than num_beams candidates (EOS ends at most one per beam): the prompt then runs
+    # on with fewer beams. Its empty slots hold a dead copy of a beam, sum of log-probs -inf, whose extensions
+    # never rank among the top candidates; so every prompt keeps num_beams rows, and the batch its shape.
+    row, token, _, tokens = running[0]
+    return running + [(row, token, float("-inf"), tokens)] * (num_beams - len(running))
 
 
 # -----------------------------------------------------------------------------

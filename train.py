@@ -278,7 +278,10 @@ def main(argv=None):
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return run_seeds(args, device, ddp or Dist())
+        results = run_seeds(args, device, ddp or Dist())
+        if ddp:
+            dist.barrier()  # gloo can abort a process that tears down while its peer still talks to it
+        return results
     finally:
         if ddp:
             dist.destroy_process_group()

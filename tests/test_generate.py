@@ -210,6 +210,41 @@ def test_stop_string_ends_generation_and_is_cut_from_the_text(tiny):
     assert result.text == tokenizer.decode(free[: first + 1])[: -len(stop)]
 
 
+def reference_beam_search(model, tokenizer, prompt, stop, num_beams, max_new_tokens):
+    """beam_search's rules (eos never, length_penalty 1, early_stopping False) the slow way: each step recomputes
+    every running beam from scratch, and a prompt simply runs on with fewer beams when stop strings end many."""
+    beams, finished = [([], 0.0)], []  # (tokens, sum of log-probs); (score, tokens)
+    for length in range(1, max_new_tokens + 1):
+        candidates = []
+        for tokens, total in beams:
+            logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, -1], dim=-1)
+            candidates += [(total + lp, tokens + [v]) for v, lp in enumerate(logp.tolist())]
+        candidates = sorted(candidates, key=lambda c: -c[0])[:2 * num_beams]
+        running = []
+        for j, (total, tokens) in enumerate(candidates):
+            if length == max_new_tokens or generate.stop_at(tokenizer.decode(tokens), stop) is not None:
+                if j < num_beams:
+                    finished = sorted(finished + [(total / length, tokens)], key=lambda h: -h[0])[:num_beams]
+            elif len(running) < num_beams:
+                running.append((tokens, total))
+        if not running or (len(finished) == num_beams and running[0][1] / length <= finished[-1][0]):
+            break
+        beams = running
+    return finished[0][1]
+
+
+def test_beam_search_runs_on_with_fewer_beams_when_stop_strings_end_most_candidates(tiny):
+    # with most words as stop strings, more than num_beams of a step's 2*num_beams candidates end (EOS ends at most
+    # one per beam); a squad evaluation crashed here once
+    _, model, tokenizer = tiny
+    prompts = random_prompts([5, 9, 3, 14], seed=4)
+    stop = [f"w{i}" for i in range(3, VOCAB) if i % 5]  # 4 words in 5
+    ours = [g.tokens for g in generate.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, eos_id=-1,
+                                                num_beams=3, stop=stop)]
+    assert ours == [reference_beam_search(model, tokenizer, p, stop, 3, MAX_NEW) for p in prompts]
+    assert any(len(t) > 1 for t in ours), "every answer ended at its first token: running on went untested"
+
+
 @pytest.mark.parametrize("text, cut", [
     ("Denver Broncos\nThe answer is", "Denver Broncos"),
     (" \n Denver Broncos\nmore", " \n Denver Broncos"),  # a newline in the leading whitespace is not the end
