@@ -10,7 +10,9 @@ checkpoint (train.py --resume), so the study can be stopped and started again at
 
 The protocol (README, "Results on the small model"):
 - every method gets the paper's recipe with the same budget: --train_examples examples, --epochs epochs;
-- its learning rate is chosen on dev (F1) from --lrs, with seed 1;
+- its learning rate is the one of the lowest dev loss from --lrs, with seed 1 (the quantity train.py already
+  selects the best checkpoint by: a run of the grid trains only, and the chosen one alone is then scored by
+  generation, which costs more than training at this budget);
 - PARA and the strongest baseline then run --seeds more seeds at their rate, the others one; the table gives
   the median over seeds, as the paper does;
 - test F1, EM and their mean (the paper's f1-em), each with a 95% bootstrap interval over test questions, and a
@@ -48,8 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt_dir", help="the base model (default: the small SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="out/study", help="one folder per run below this one")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1 (half decades: "
-                   "the grid grows past an end that wins)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1 (half decades)")
+    p.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
+                   help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
+    p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on")
     p.add_argument("--seeds", default="1,2,3", help="seeds for PARA and the strongest baseline")
     p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples")
     p.add_argument("--epochs", type=int, default=1)
@@ -65,11 +69,12 @@ def run_dir(args, name, lr, seed):
     return Path(args.out) / (folder if name == "zero-shot" else f"{folder}-lr{lr}-seed{seed}")
 
 
-def command(args, name, lr, seed):
+def command(args, name, lr, seed, eval_splits):
     """The train.py command of one run."""
     cmd = [sys.executable, "train.py", "--task", args.task, "--out_dir", str(run_dir(args, name, lr, seed)),
            "--seed", str(seed), "--limit_train", str(args.train_examples), "--epochs", str(args.epochs),
-           "--eval_interval", str(args.eval_interval), "--resume", *METHODS[name][1], *args.extra.split()]
+           "--eval_interval", str(args.eval_interval), "--eval_splits", eval_splits, "--resume", *METHODS[name][1],
+           *args.extra.split()]
     if name != "zero-shot":
         cmd += ["--lr", lr]
     return cmd + (["--ckpt_dir", args.ckpt_dir] if args.ckpt_dir else [])
@@ -80,10 +85,12 @@ def results(args, name, lr, seed):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run(args, name, lr, seed):
-    """The run's results, running it (or the rest of it) first unless --report."""
-    if results(args, name, lr, seed) is None and not args.report:
-        cmd = command(args, name, lr, seed)
+def run(args, name, lr, seed, eval_splits="none"):
+    """The run's results, running it (or the rest of it, or the scoring of eval_splits) first unless --report."""
+    done = results(args, name, lr, seed)
+    scored = (done or {}).get("eval_splits", [])
+    if (done is None or eval_splits != "none" and set(eval_splits.split(",")) - set(scored)) and not args.report:
+        cmd = command(args, name, lr, seed, eval_splits)
         print("$ " + " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent)
     return results(args, name, lr, seed)
@@ -93,18 +100,19 @@ GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"] 
 
 
 def best_lr(args, name):
-    """The learning rate of the best dev F1 at seed 1 (None while a run is missing). When the best is at an end
-    of the grid, the grid grows by the next half decade on that side, so that no method is held at an edge."""
+    """The learning rate of the lowest dev loss at seed 1 (None while a run is missing). With --grow, when the
+    best is at an end of the grid, the grid grows by the next half decade on that side, so that no method is
+    held at an edge."""
     lrs = args.lrs.split(",")
     while True:
         grid = {lr: run(args, name, lr, 1) for lr in lrs}
         if any(r is None for r in grid.values()):
             return None
-        best = max(grid, key=lambda lr: grid[lr]["dev"]["f1"])
+        best = min(grid, key=lambda lr: grid[lr]["best_dev_loss"])
         i = GRID.index(best)
-        if best == lrs[-1] and i + 1 < len(GRID):
+        if args.grow and best == lrs[-1] and i + 1 < len(GRID):
             lrs.append(GRID[i + 1])
-        elif best == lrs[0] and i > 0:
+        elif args.grow and best == lrs[0] and i > 0:
             lrs.insert(0, GRID[i - 1])
         else:
             return best
@@ -145,21 +153,24 @@ def main(argv=None):
     names = args.methods.split(",")
     chosen = {}  # name -> (lr, [seeds])
     for name in names:
-        if name == "zero-shot":
-            chosen[name] = ("-", [1]) if run(args, name, "-", 1) else None
-            continue
-        lr = best_lr(args, name)
-        chosen[name] = (lr, [1]) if lr else None
-    # more seeds for PARA and the strongest other method (best dev F1 at its chosen rate)
-    dev_f1 = {n: results(args, n, c[0], 1)["dev"]["f1"] for n, c in chosen.items() if c and n not in ("zero-shot", PARA)}
-    strongest = max(dev_f1, key=dev_f1.get) if dev_f1 else None
+        lr = "-" if name == "zero-shot" else best_lr(args, name)
+        chosen[name] = (lr, [1]) if lr and scored(run(args, name, lr, 1, args.eval_splits)) else None
+    # more seeds for PARA and the strongest other method (the lowest dev loss at its chosen rate)
+    dev_loss = {n: results(args, n, c[0], 1)["best_dev_loss"] for n, c in chosen.items()
+                if c and n not in ("zero-shot", PARA)}
+    strongest = min(dev_loss, key=dev_loss.get) if dev_loss else None
     for name in (PARA, strongest):
         if name in chosen and chosen[name]:
             lr = chosen[name][0]
             seeds = [int(s) for s in args.seeds.split(",")]
-            done = [s for s in seeds if run(args, name, lr, s)]
+            done = [s for s in seeds if scored(run(args, name, lr, s, args.eval_splits))]
             chosen[name] = (lr, done)
     report(args, {n: c for n, c in chosen.items() if c}, strongest)
+
+
+def scored(result):
+    """Whether a run's results hold test metrics."""
+    return bool(result) and result.get("test") is not None
 
 
 def report(args, chosen, strongest):
@@ -176,7 +187,8 @@ def report(args, chosen, strongest):
         for metric in ("f1", "em", "f1-em"):
             median = statistics.median(x["test"][metric] for x in runs.values())
             row[f"test {metric}"] = fmt(median, bootstrap(scores[name][metric], args.bootstrap))
-        row["dev f1"] = f"{statistics.median(x['dev']['f1'] for x in runs.values()):.1f}"
+        row["dev loss"] = f"{r['best_dev_loss']:.3f}" if r["best_dev_loss"] else "-"
+        row["dev f1"] = f"{statistics.median(x['dev']['f1'] for x in runs.values()):.1f}" if r["dev"] else "-"
         row["train tok/s"] = r["train_tokens_per_s"] or "-"
         row["train min"] = f"{r['train_time_s'] / 60:.1f}"
         row["wall min"] = f"{r['wall_time_s'] / 60:.1f}"
@@ -193,7 +205,7 @@ def report(args, chosen, strongest):
                              + " |")
     table = "\n".join(lines)
     note = (f"\n\n{len(test):,} test questions; intervals: 95% bootstrap over questions ({args.bootstrap} resamples), "
-            f"of the median seed's run. Strongest baseline on dev: {strongest}.\n")
+            f"of the median seed's run. Strongest baseline (lowest dev loss): {strongest}.\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "study.md").write_text(table + note)
     print(table + note)

@@ -99,6 +99,8 @@ def parser():
     arg("--max_new_tokens", type=int, default=0, help="0: the longest train/dev target with its EOS, at most 64")
     arg("--eval_batch_size", type=int, default=16, help="prompts per generation batch")
     arg("--limit_eval", type=int, default=0, help="use only the first N dev and test examples (0: all)")
+    arg("--eval_splits", default="dev,test", help="the splits scored by generation after training (none: train "
+        "only; --resume later scores the splits a finished run has not)")
     arg("--compile", action="store_true", help="generate with the compiled decode step (generate.py --compile)")
     # hardware
     arg("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun "
@@ -123,6 +125,9 @@ def check_args(args):
                 "--adalora_target_r": (args.adalora_target_r, 1), "--adalora_deltaT": (args.adalora_deltaT, 1)}
     if args.r is not None:
         at_least["--r"] = (args.r, 1)
+    args.eval_splits = [] if args.eval_splits == "none" else args.eval_splits.split(",")
+    if any(s not in ("dev", "test") for s in args.eval_splits) or len(set(args.eval_splits)) < len(args.eval_splits):
+        raise UserError(f"--eval_splits takes dev, test, dev,test or none, got {','.join(args.eval_splits)}")
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}" + (" (0 means: the default)" * (low == 0)))
@@ -320,10 +325,14 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     t_start = time.time()
     settings = run_settings(args, seed, where)
     ckpt = claim_out_dir(args, out_dir, settings, where)
+    finished = {}  # a finished run's results: --resume scores only the splits it has not
     if args.resume and (out_dir / "results.json").exists():
+        finished = {"eval_splits": ["dev", "test"]} | json.loads((out_dir / "results.json").read_text())
+    to_score = [s for s in args.eval_splits if s not in finished.get("eval_splits", [])]
+    if finished and not to_score:
         if where.master:
             print(f"{out_dir} is finished: its results.json is kept (--overwrite to run it again)")
-        return json.loads((out_dir / "results.json").read_text())
+        return finished
 
     torch.manual_seed(seed)  # the adapter's initialisation
     model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
@@ -345,11 +354,12 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings)
     run.restore(ckpt, seed)
     run.train(train, dev, seed, batch_size, steps_per_epoch, total_steps)
-    results = run.evaluate(splits, train, dev, folder)
-    results |= {"trainable_parameters": n_trainable, "steps": run.state.step,
+    results = {"dev": None, "test": None} | finished | run.evaluate(splits, train, dev, folder, to_score)
+    results |= {"eval_splits": [s for s in ("dev", "test") if s in finished.get("eval_splits", []) + to_score],
+                "trainable_parameters": n_trainable, "steps": run.state.step,
                 "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
                 "truncated_train_examples": n_truncated, "batch_size": batch_size,
-                "wall_time_s": round(time.time() - t_start, 1)}
+                "wall_time_s": round(finished.get("wall_time_s", 0) + time.time() - t_start, 1)}
     if where.master:
         write_json(out_dir / "results.json", results)
         print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")
@@ -601,8 +611,9 @@ class Run:
             pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
             state.done = True
 
-    def evaluate(self, splits, train, dev, folder):
-        """The best adapter generates answers to the dev and test prompts (beam 3 in the paper); their metrics."""
+    def evaluate(self, splits, train, dev, folder, to_score):
+        """The best adapter generates answers to the prompts of the splits to_score (beam 3 in the paper); their
+        metrics. predictions.jsonl keeps the predictions of other splits, scored by an earlier call."""
         args, model, tokenizer, where = self.args, self.model, self.tokenizer, self.where
         for n, p in self.params.items():
             p.data.copy_(self.best[n])
@@ -610,7 +621,7 @@ class Run:
         max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
         model.eval()
         t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
-        for split in ("dev", "test"):
+        for split in to_score:
             records = splits[split]
             if not records:  # SQuAD prepared without its training file has no dev split
                 results[split] = None
@@ -622,8 +633,11 @@ class Run:
             predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
                             for r, p in zip(records, preds)]
         if where.master:
-            atomic_write(self.out_dir / "predictions.jsonl", lambda tmp: tmp.write_text(
-                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)))
+            path = self.out_dir / "predictions.jsonl"
+            earlier = [p for p in map(json.loads, path.read_text().splitlines()) if p["split"] not in to_score] \
+                if path.exists() else []
+            atomic_write(path, lambda tmp: tmp.write_text(
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in earlier + predictions)))
         memory, kind = peak_memory(self.device)
         s = self.state
         return results | {"train_time_s": round(s.train_time, 1), "eval_time_s": round(time.time() - t_eval, 1),

@@ -1,6 +1,8 @@
 """study.py end to end on the tiny model and a tiny task with SQuAD-style answers: the learning rate chosen on dev,
 more seeds for PARA and the strongest baseline, a resumable set of runs, and the table with its intervals."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,10 @@ def test_the_study_tunes_each_method_on_dev_reruns_the_best_with_more_seeds_and_
     assert len({r.split("-seed")[0] for r in para}) >= 2  # the grid, at seed 1
     assert {r.split("-seed")[1] for r in para} == {"1", "2"}  # PARA's chosen rate with a second seed
     assert "| PARA minus | test F1 (95% paired CI)" in table
+    # the grid trains; only the rate of the lowest dev loss is scored by generation
+    grid = {r: json.loads((tmp_path / "study" / r / "results.json").read_text()) for r in para if r.endswith("seed1")}
+    best = min(grid, key=lambda r: grid[r]["best_dev_loss"])
+    assert {r: g["eval_splits"] for r, g in grid.items()} == {r: ["dev", "test"] if r == best else [] for r in grid}
     # a second call runs nothing: every run is finished
     before = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("results.json")}
     capsys.readouterr()

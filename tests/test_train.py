@@ -353,6 +353,24 @@ def test_a_finished_run_is_never_overwritten_silently(tiny_task, tiny_model, tmp
     assert again["test"] == first["test"] and len(read_log(tmp_path / "out" / "log.jsonl")) == 3
 
 
+def test_a_run_trained_without_scoring_is_scored_later_as_if_scored_at_once(tiny_task, tiny_model, tmp_path):
+    # the study trains every learning rate, then scores only the one chosen on dev
+    quick = flags(tiny_task, tiny_model, tmp_path / "later", "para", "--max_steps", 4, "--limit_eval", 4)
+    trained = train.main(quick + ["--eval_splits", "none"])
+    assert trained["dev"] is None and trained["test"] is None and trained["eval_splits"] == []
+    log = (tmp_path / "later" / "log.jsonl").read_text()
+    test_only = train.main(quick + ["--resume", "--eval_splits", "test"])
+    assert test_only["dev"] is None and test_only["eval_splits"] == ["test"]
+    assert (tmp_path / "later" / "log.jsonl").read_text() == log  # no step trained again
+    both = train.main(quick + ["--resume"])
+    at_once = train.main(flags(tiny_task, tiny_model, tmp_path / "at_once", "para", "--max_steps", 4, "--limit_eval", 4))
+    assert (both["dev"], both["test"], both["eval_splits"]) == (at_once["dev"], at_once["test"], ["dev", "test"])
+    predictions = [json.loads(line) for line in (tmp_path / "later" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["split"] for p in predictions) == ["dev"] * 4 + ["test"] * 4  # the test ones were kept
+    with pytest.raises(SystemExit):
+        train.main(quick + ["--eval_splits", "train"])
+
+
 def test_resume_refuses_a_run_made_with_other_settings(tiny_task, tiny_model, tmp_path):
     quick = flags(tiny_task, tiny_model, tmp_path / "out", "para", "--max_steps", 2, "--limit_eval", 2)
     train.main(quick)
