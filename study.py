@@ -55,7 +55,7 @@ def parse_args(argv=None):
                    help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
     p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on")
     p.add_argument("--seeds", default="1,2,3", help="seeds for PARA and the strongest baseline")
-    p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples")
+    p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples (0: all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--eval_interval", type=int, default=16, help="dev loss every this many steps")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--dtype bf16\"")
