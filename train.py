@@ -360,6 +360,8 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
                 "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
                 "truncated_train_examples": n_truncated, "batch_size": batch_size,
                 "wall_time_s": round(finished.get("wall_time_s", 0) + time.time() - t_start, 1)}
+    if finished.get("peak_memory_bytes"):  # scored later, in another process: training's peak may be the higher
+        results["peak_memory_bytes"] = max(finished["peak_memory_bytes"], results["peak_memory_bytes"] or 0)
     if where.master:
         write_json(out_dir / "results.json", results)
         print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")

@@ -359,9 +359,13 @@ def test_a_run_trained_without_scoring_is_scored_later_as_if_scored_at_once(tiny
     trained = train.main(quick + ["--eval_splits", "none"])
     assert trained["dev"] is None and trained["test"] is None and trained["eval_splits"] == []
     log = (tmp_path / "later" / "log.jsonl").read_text()
+    # as if training had peaked far above what scoring will (the study scores in another process)
+    results_file = tmp_path / "later" / "results.json"
+    results_file.write_text(json.dumps(json.loads(results_file.read_text()) | {"peak_memory_bytes": 2**50}))
     test_only = train.main(quick + ["--resume", "--eval_splits", "test"])
     assert test_only["dev"] is None and test_only["eval_splits"] == ["test"]
     assert (tmp_path / "later" / "log.jsonl").read_text() == log  # no step trained again
+    assert test_only["peak_memory_bytes"] == 2**50  # training's peak is kept
     both = train.main(quick + ["--resume"])
     at_once = train.main(flags(tiny_task, tiny_model, tmp_path / "at_once", "para", "--max_steps", 4, "--limit_eval", 4))
     assert (both["dev"], both["test"], both["eval_splits"]) == (at_once["dev"], at_once["test"], ["dev", "test"])
