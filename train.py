@@ -60,21 +60,7 @@ def parser():
         "(empty train split: only --method none can run on it)")
     arg("--ckpt_dir", help="Meta or HF Llama-2 folder, or a .gguf file (default: the small SmolLM2-135M-Instruct)")
     arg("--out_dir", help="where the adapter, log and results go (default: out/<task>-<method>)")
-    # method
-    arg("--method", default="para", choices=METHODS, help="none: no adapter, evaluate the base model")
-    arg("--r", "--adapter_rank", type=int, help="PARA's bottleneck (default 12), LoRA's rank (12), AdaLoRA's "
-        "initial rank (12) or the Houlsby bottleneck (default: PARA's parameter count at r = 12). Under torchrun "
-        "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
-    arg("--lora_alpha", type=float, default=8.0, help="LoRA's and AdaLoRA's scaling is alpha / r (8: PEFT's default)")
-    arg("--lora_targets", default="wq,wv", help="LoRA's and AdaLoRA's matrices, comma-separated Meta names")
-    arg("--ia3_targets", default="wk,wv,w3", help="(IA)^3's matrices, each output scaled (w3: the FFN intermediate; "
-        "wq,wv,w3: PARA's static twin)")
-    arg("--adalora_target_r", type=int, default=8, help="AdaLoRA's final average rank per matrix")
-    arg("--adalora_tinit", type=int, help="AdaLoRA: steps at the initial budget (default: 10%% of the steps)")
-    arg("--adalora_tfinal", type=int, help="AdaLoRA: last steps at the final budget (default: 30%% of the steps)")
-    arg("--adalora_deltaT", type=int, default=1, help="AdaLoRA: steps between two re-allocations of the budget")
-    arg("--adalora_beta", type=float, default=0.85, help="AdaLoRA: smoothing of the importance and its uncertainty")
-    arg("--adalora_orth_reg_weight", type=float, default=0.5, help="AdaLoRA: weight of the orthogonality term")
+    adapter_flags(arg)
     # the paper's optimisation recipe (section 4.3); the rest are HF Trainer's defaults, as the paper says
     arg("--lr", type=float, default=1e-4)
     arg("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay; 0 as in HF's Trainer")
@@ -112,6 +98,24 @@ def parser():
     arg("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
     arg("--overwrite", action="store_true", help="start afresh, deleting the run files in out_dir")
     return p
+
+
+def adapter_flags(arg):
+    """The method and its own settings (each method reads only its own: METHOD_FLAGS)."""
+    arg("--method", default="para", choices=METHODS, help="none: no adapter, evaluate the base model")
+    arg("--r", "--adapter_rank", type=int, help="PARA's bottleneck (default 12), LoRA's rank (12), AdaLoRA's "
+        "initial rank (12) or the Houlsby bottleneck (default: PARA's parameter count at r = 12). Under torchrun "
+        "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
+    arg("--lora_alpha", type=float, default=8.0, help="LoRA's and AdaLoRA's scaling is alpha / r (8: PEFT's default)")
+    arg("--lora_targets", default="wq,wv", help="LoRA's and AdaLoRA's matrices, comma-separated Meta names")
+    arg("--ia3_targets", default="wk,wv,w3", help="(IA)^3's matrices, each output scaled (w3: the FFN intermediate; "
+        "wq,wv,w3: PARA's static twin)")
+    arg("--adalora_target_r", type=int, default=8, help="AdaLoRA's final average rank per matrix")
+    arg("--adalora_tinit", type=int, help="AdaLoRA: steps at the initial budget (default: 10%% of the steps)")
+    arg("--adalora_tfinal", type=int, help="AdaLoRA: last steps at the final budget (default: 30%% of the steps)")
+    arg("--adalora_deltaT", type=int, default=1, help="AdaLoRA: steps between two re-allocations of the budget")
+    arg("--adalora_beta", type=float, default=0.85, help="AdaLoRA: smoothing of the importance and its uncertainty")
+    arg("--adalora_orth_reg_weight", type=float, default=0.5, help="AdaLoRA: weight of the orthogonality term")
 
 
 def check_args(args):
