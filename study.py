@@ -88,8 +88,8 @@ def results(args, name, lr, seed):
 def run(args, name, lr, seed, eval_splits="none"):
     """The run's results, running it (or the rest of it, or the scoring of eval_splits) first unless --report."""
     done = results(args, name, lr, seed)
-    scored = (done or {}).get("eval_splits", [])
-    if (done is None or eval_splits != "none" and set(eval_splits.split(",")) - set(scored)) and not args.report:
+    wanted = set() if eval_splits == "none" else set(eval_splits.split(","))
+    if (done is None or wanted - set(done.get("eval_splits", []))) and not args.report:
         cmd = command(args, name, lr, seed, eval_splits)
         print("$ " + " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent)
