@@ -187,6 +187,7 @@ def report(args, chosen, strongest):
         for metric in ("f1", "em", "f1-em"):
             median = statistics.median(x["test"][metric] for x in runs.values())
             row[f"test {metric}"] = fmt(median, bootstrap(scores[name][metric], args.bootstrap))
+        row["test f1 by seed"] = ", ".join(f"{runs[s]['test']['f1']:.1f}" for s in seeds)
         row["dev loss"] = f"{r['best_dev_loss']:.3f}" if r["best_dev_loss"] else "-"
         row["dev f1"] = f"{statistics.median(x['dev']['f1'] for x in runs.values()):.1f}" if r["dev"] else "-"
         row["train tok/s"] = r["train_tokens_per_s"] or "-"
@@ -213,7 +214,8 @@ def report(args, chosen, strongest):
 
 
 def plot(args, chosen, path):
-    """Train loss (a moving average) and dev loss against step, one line per method (its seed 1 run)."""
+    """Train loss (a moving average) and dev loss against step, one line per method (its seed 1 run), and the
+    best dev loss against the learning rate over each method's grid (seed 1), where its rate was chosen."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -221,7 +223,7 @@ def plot(args, chosen, path):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no picture")
         return
-    fig, (ax_train, ax_dev) = plt.subplots(1, 2, figsize=(10, 4), dpi=100, sharey=True)
+    fig, (ax_train, ax_dev, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), dpi=100, sharey=True)
     for name, (lr, _) in chosen.items():
         if name == "zero-shot":
             continue
@@ -232,8 +234,14 @@ def plot(args, chosen, path):
         ax_train.plot([r["step"] for r in steps][w - 1:], losses, label=f"{name} (lr {lr})")
         evals = [r for r in log if "dev_loss" in r]
         ax_dev.plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], marker="o", label=name)
+        grid = sorted((float(f.name.split("-lr")[1][:-len("-seed1")]), json.loads((f / "results.json").read_text()))
+                      for f in Path(args.out).glob(f"{METHODS[name][0]}-lr*-seed1") if (f / "results.json").exists())
+        top = 1.0  # a diverged or barely moved rate, drawn at the top edge so that the others stay readable
+        ax_lr.plot([lr for lr, _ in grid], [min(r["best_dev_loss"], top) for _, r in grid], marker="o")
+        ax_lr.plot(float(lr), results(args, name, lr, 1)["best_dev_loss"], marker="*", markersize=14, color="black")
     ax_train.set(title="train loss (8-step moving average)", xlabel="step", ylabel="loss per target token")
-    ax_dev.set(title="dev loss", xlabel="step")
+    ax_dev.set(title="dev loss", xlabel="step", xlim=(0, None))
+    ax_lr.set(title="best dev loss by learning rate (seed 1; * chosen)", xlabel="learning rate", xscale="log")
     ax_train.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
