@@ -395,7 +395,8 @@ def compiled_decode(base, tokenizer, args, device):
 
 def training(base, tokenizer, args, device, dtype, path):
     """Our train step (forward, backward, AdamW) against HF Transformers + PEFT's, on the same 16 training examples
-    of --task and the same weights, interleaved: LoRA count-matched on q and v, (IA)^3, and PARA's own."""
+    of --task and the same weights, interleaved: LoRA count-matched on q and v, (IA)^3, and PARA's own. Ours
+    computes logits at the answer's positions only (train.answer_loss), HF's at every position, as its Trainer does."""
     import train
     from peft import IA3Config, LoraConfig, get_peft_model
 
@@ -407,15 +408,15 @@ def training(base, tokenizer, args, device, dtype, path):
     n_targets, n_tokens = (targets != -100).sum(), sum(len(p) + len(t) - 1 for p, t in examples)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
-    def step_of(model, logits_of):
+    def step_of(model, loss_of):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
             sync(device)
             start = time.perf_counter()
             with autocast:
-                logits = logits_of(tokens)
-            (train.loss_sum(logits.float(), targets) / n_targets).backward()
+                loss = loss_of(model)
+            (loss / n_targets).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync(device)
@@ -427,12 +428,12 @@ def training(base, tokenizer, args, device, dtype, path):
         if method in ("para", "ia3", "lora"):
             model = with_adapter(base, method, settings, 1, False, seed=3).train()
             adapters.mark_only_adapter_as_trainable(model)
-            ours[name] = step_of(model, lambda x, model=model: model(x, prompt_len=prompt_len))
+            ours[name] = step_of(model, lambda model: train.answer_loss(model, tokens, targets, prompt_len))
     peft = {f"LoRA r={args.lora_r}": LoraConfig(r=args.lora_r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
             "(IA)^3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
     for name, config in peft.items():
         model = get_peft_model(load_hf(path, device, dtype), config).train()
-        theirs[name] = step_of(model, lambda x, model=model: model(input_ids=x).logits)
+        theirs[name] = step_of(model, lambda model: train.loss_sum(model(input_ids=tokens).logits.float(), targets))
     jobs = {("ours", n): job for n, job in ours.items()} | {("HF+PEFT", n): job for n, job in theirs.items()}
     warm_up(jobs)
     results = interleaved(jobs, args.runs)

@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # train.py sets it: recompute each block in backward to save memory
 
     def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False, prompt_len=None,
-                adapter_ids=None):
+                adapter_ids=None, logits_at=None):
         """
         tokens: (B, T) ids, written at positions [start_pos, start_pos+T) of the sequence (and of the cache).
             start_pos is an int, or a 0-d tensor for a compiled decode step (generate.py --compile).
@@ -164,7 +164,10 @@ class Transformer(nn.Module):
         cache: an object with update(layer_id, start_pos, k, v) -> (k, v) (see generate.KVCache), or None.
         prompt_len, adapter_ids: (B,) where each row's prompt ends and which adapter of a bank it uses. The base
             model ignores them and hands them to every block, for adapters (para.py, adapters.py).
-        Returns fp32 logits (B, T, vocab), or (B, 1, vocab) for the last position if last_only.
+        logits_at: (B, T) bool, or None. Logits only where it is True, as (N, vocab) rows in row-major order.
+            Training wants them at the answer's positions only; the vocabulary projection of the prompt's would be
+            thrown away, and it is large (a fifth of SmolLM2's forward compute, 49,152 x 576 per position).
+        Returns fp32 logits (B, T, vocab); (B, 1, vocab) for the last position if last_only; (N, vocab) if logits_at.
         """
         B, T = tokens.shape
         if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
@@ -194,7 +197,9 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, rot, mask, cache, start_pos, prompt_len, adapter_ids)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:]  # (B, 1, D): decoding needs the next token's logits only
+        elif logits_at is not None:
+            h = h[logits_at]  # (N, D)
         return self.output(self.norm(h)).float()
 
 

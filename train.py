@@ -230,8 +230,16 @@ def collate(examples, pad_id, device):
 
 
 def loss_sum(logits, targets):
-    """Summed cross-entropy of the target tokens; the -100 positions (prompt, padding) count for nothing."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    """Summed cross-entropy of the target tokens: logits (..., vocab), targets (...); -100 counts for nothing."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def answer_loss(model, tokens, targets, prompt_len):
+    """Summed cross-entropy of the target tokens of a collated batch, with logits at those positions only
+    (model.forward's logits_at): the same loss as loss_sum over every position's logits, for less compute."""
+    at = targets != -100  # (B, T)
+    return loss_sum(model(tokens, prompt_len=prompt_len, logits_at=at), targets[at])  # (N, vocab), (N,)
 
 
 def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=nullcontext()):
@@ -241,7 +249,7 @@ def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=null
     with torch.no_grad(), autocast:
         for i in range(0, len(examples), micro_batch_size):
             tokens, targets, prompt_len = collate(examples[i:i + micro_batch_size], pad_id, device)
-            total[0] += loss_sum(model(tokens, prompt_len=prompt_len), targets)
+            total[0] += answer_loss(model, tokens, targets, prompt_len)
             total[1] += (targets != -100).sum()
     return total
 
@@ -562,8 +570,7 @@ class Run:
         for micro in micro_batches(share, args.micro_batch_size):
             tokens, targets, prompt_len = collate(micro, self.tokenizer.pad_id, self.device)
             with self.autocast:
-                logits = model(tokens, prompt_len=prompt_len)
-            loss = loss_sum(logits, targets) / n_targets
+                loss = answer_loss(model, tokens, targets, prompt_len) / n_targets
             loss.backward()
             stats += torch.tensor([loss.item(), sum(len(p) + len(t) for p, t in micro)], dtype=torch.float64,
                                   device=self.device)

@@ -118,6 +118,13 @@ def test_last_only_returns_the_last_position_of_the_full_logits():
         assert_close(model(tokens(), last_only=True), model(tokens())[:, -1:])
 
 
+def test_logits_at_returns_the_chosen_positions_of_the_full_logits():
+    model = random_model(GQA, VOCAB)
+    at = torch.rand(tokens().shape, generator=torch.Generator().manual_seed(0)) < 0.3  # (B, T) bool
+    with torch.no_grad():
+        assert_close(model(tokens(), logits_at=at), model(tokens())[at])
+
+
 # -----------------------------------------------------------------------------
 # the KV cache and left padding: same logits as one plain forward pass
 
