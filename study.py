@@ -13,8 +13,9 @@ The protocol (README, "Results on the small model"):
 - its learning rate is the one of the lowest dev loss from --lrs, with seed 1 (the quantity train.py already
   selects the best checkpoint by: a run of the grid trains only, and the chosen one alone is then scored by
   generation, which costs more than training at this budget);
-- PARA and the strongest baseline then run --seeds more seeds at their rate, the others one; the table gives
-  the median over seeds, as the paper does;
+- PARA and the strongest baseline then run --seeds more seeds at their rate (and any method named in
+  --more_seeds, such as the static twin, whose difference from PARA is the study's question), the others one;
+  the table gives the median over seeds, as the paper does;
 - test F1, EM and their mean (the paper's f1-em), each with a 95% bootstrap interval over test questions, and a
   paired bootstrap interval for PARA minus each method on the same questions (of the median seed's run).
 """
@@ -55,13 +56,19 @@ def parse_args(argv=None):
                    help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
     p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on")
     p.add_argument("--seeds", default="1,2,3", help="seeds for PARA and the strongest baseline")
+    p.add_argument("--more_seeds", default="", help="comma-separated methods that get --seeds too, e.g. \"static twin\"")
     p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples (0: all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--eval_interval", type=int, default=16, help="dev loss every this many steps")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--dtype bf16\"")
     p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("methods", "more_seeds"):
+        unknown = [n for n in filter(None, getattr(args, flag).split(",")) if n not in METHODS]
+        if unknown:
+            p.error(f"--{flag}: unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+    return args
 
 
 def run_dir(args, name, lr, seed):
@@ -159,7 +166,7 @@ def main(argv=None):
     dev_loss = {n: results(args, n, c[0], 1)["best_dev_loss"] for n, c in chosen.items()
                 if c and n not in ("zero-shot", PARA)}
     strongest = min(dev_loss, key=dev_loss.get) if dev_loss else None
-    for name in (PARA, strongest):
+    for name in dict.fromkeys([PARA, strongest, *filter(None, args.more_seeds.split(","))]):
         if name in chosen and chosen[name]:
             lr = chosen[name][0]
             seeds = [int(s) for s in args.seeds.split(",")]
