@@ -165,8 +165,8 @@ class Transformer(nn.Module):
         prompt_len, adapter_ids: (B,) where each row's prompt ends and which adapter of a bank it uses. The base
             model ignores them and hands them to every block, for adapters (para.py, adapters.py).
         logits_at: (B, T) bool, or None. Logits only where it is True, as (N, vocab) rows in row-major order.
-            Training wants them at the answer's positions only; the vocabulary projection of the prompt's would be
-            thrown away, and it is large (a fifth of SmolLM2's forward compute, 49,152 x 576 per position).
+            Training needs them at the answer's positions only: projecting the prompt's onto the vocabulary would
+            be work thrown away, and a lot of it (a fifth of SmolLM2's forward compute, 49,152 x 576 per position).
         Returns fp32 logits (B, T, vocab); (B, 1, vocab) for the last position if last_only; (N, vocab) if logits_at.
         """
         B, T = tokens.shape
