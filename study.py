@@ -64,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
-    for flag in ("methods", "more_seeds"):
-        unknown = [n for n in filter(None, getattr(args, flag).split(",")) if n not in METHODS]
+    for flag in ("methods", "more_seeds"):  # comma-separated names -> a list of known names
+        setattr(args, flag, [n for n in getattr(args, flag).split(",") if n])
+        unknown = [n for n in getattr(args, flag) if n not in METHODS]
         if unknown:
             p.error(f"--{flag}: unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
     return args
@@ -157,16 +158,15 @@ def fmt(mean, interval):
 
 def main(argv=None):
     args = parse_args(argv)
-    names = args.methods.split(",")
     chosen = {}  # name -> (lr, [seeds])
-    for name in names:
+    for name in args.methods:
         lr = "-" if name == "zero-shot" else best_lr(args, name)
         chosen[name] = (lr, [1]) if lr and scored(run(args, name, lr, 1, args.eval_splits)) else None
     # more seeds for PARA and the strongest other method (the lowest dev loss at its chosen rate)
     dev_loss = {n: results(args, n, c[0], 1)["best_dev_loss"] for n, c in chosen.items()
                 if c and n not in ("zero-shot", PARA)}
     strongest = min(dev_loss, key=dev_loss.get) if dev_loss else None
-    for name in dict.fromkeys([PARA, strongest, *filter(None, args.more_seeds.split(","))]):
+    for name in dict.fromkeys([PARA, strongest, *args.more_seeds]):
         if name in chosen and chosen[name]:
             lr = chosen[name][0]
             seeds = [int(s) for s in args.seeds.split(",")]
@@ -242,10 +242,10 @@ def plot(args, chosen, path):
         ax_train.plot([r["step"] for r in steps][w - 1:], losses, label=f"{name} (lr {lr})")
         evals = [r for r in log if "dev_loss" in r]
         ax_dev.plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], marker="o", label=name)
-        grid = sorted((float(f.name.split("-lr")[1][:-len("-seed1")]), json.loads((f / "results.json").read_text()))
-                      for f in Path(args.out).glob(f"{METHODS[name][0]}-lr*-seed1") if (f / "results.json").exists())
+        tried = sorted(set(GRID) | set(args.lrs.split(",")), key=float)  # --grow may have added rates of GRID
+        grid = [(float(rate), r) for rate in tried if (r := results(args, name, rate, 1))]
         top = 1.0  # a diverged or barely moved rate, drawn at the top edge so that the others stay readable
-        ax_lr.plot([lr for lr, _ in grid], [min(r["best_dev_loss"], top) for _, r in grid], marker="o")
+        ax_lr.plot([rate for rate, _ in grid], [min(r["best_dev_loss"], top) for _, r in grid], marker="o")
         ax_lr.plot(float(lr), results(args, name, lr, 1)["best_dev_loss"], marker="*", markersize=14, color="black")
     ax_train.set(title="train loss (8-step moving average)", xlabel="step", ylabel="loss per target token")
     ax_dev.set(title="dev loss", xlabel="step", xlim=(0, None))
