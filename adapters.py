@@ -1,13 +1,18 @@
 """
-The adapter interface shared by PARA (para.py) and the baselines (baselines.py): attach a method to a loaded
-model, train only its tensors, count them, save and load adapter files, and serve a bank of adapters in one
-batch (multi-tenant serving: one base model, row i of a batch using adapter adapter_ids[i]).
+The adapter interface shared by PARA (para.py) and the baselines (baselines.py): the registry of methods, attaching
+one to a loaded model, training only its tensors, counting them, the per-row arguments its blocks take, adapter
+files, and banks of adapters served in one batch (multi-tenant serving: one base model, row i of a batch using
+adapter adapter_ids[i]).
 
     python adapters.py        # trainable parameters of each method on Llama-2 7B/13B/70B and SmolLM2-135M
+
+Attaching never rebuilds a loaded module: the method changes its class in place (a TransformerBlock becomes a
+PARABlock, an nn.Linear an IA3Linear) and adds its own tensors, so the base weights keep their tensors and names.
 """
 import dataclasses
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -19,20 +24,62 @@ from data import atomic_write
 from errors import UserError
 from model import ModelArgs, Transformer, TransformerBlock
 
-# method -> (function attaching it, the settings an adapter file may give and their types)
+# -----------------------------------------------------------------------------
+# The registry: every method, once
+
 WHOLE, NUMBER, NAMES = (int,), (int, float), (list, tuple)
-METHODS = {
-    "para": (para.add_para, {"r": WHOLE}),
-    "ia3": (baselines.add_ia3, {"targets": NAMES}),
-    "lora": (baselines.add_lora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES}),
-    "adalora": (baselines.add_adalora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES}),
-    "houlsby": (baselines.add_houlsby, {"size": WHOLE}),
-}
 TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of matrix names"}
-ADAPTER_PARAMS = ("vector_generator.", "ia3_", "lora_", "houlsby_")  # the adapters' tensor names contain one
-FILE_FORMAT = "para-adapter-v1"
-BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # a base model's shape
-PARA_R = 12  # the paper's bottleneck: the baselines' sizes are matched to PARA's parameter count at this r
+PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # how tables name it
+    add: Callable  # add(model, **settings) attaches a fresh adapter and returns its settings
+    settings: dict  # the settings its adapter files hold, and their types
+    flags: dict  # train.py's flags it reads -> the setting each gives (None: a training flag, not a setting)
+    size: str = ""  # the setting that sizes it (train.py's --r), "" if none
+    symbol: str = "r"  # how a table writes that size
+    default_size: int = 0  # train.py's size when --r is not given; 0: PARA's parameter count at PARA_R
+    matched: bool = False  # bench.py and study.py size it to PARA's parameter count at PARA_R
+    lr: float = 1e-4  # the learning rate when none is given: the paper's, for every method (section 4.3)
+    reads_prompt: bool = False  # its blocks take each row's prompt_len and a store of vectors (block_args)
+    prunes: bool = False  # train.py runs AdaLoRA's RankAllocator on it
+
+
+LORA_FLAGS = {"r": "r", "lora_alpha": "alpha", "lora_targets": "targets"}
+METHODS = {
+    "para": Method("PARA", para.add_para, {"r": WHOLE}, {"r": "r"}, "r", default_size=PARA_R, reads_prompt=True),
+    "ia3": Method("(IA)^3", baselines.add_ia3, {"targets": NAMES}, {"ia3_targets": "targets"}),
+    "lora": Method("LoRA", baselines.add_lora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES}, LORA_FLAGS, "r",
+                   default_size=12, matched=True),
+    "adalora": Method("AdaLoRA", baselines.add_adalora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES},
+                      LORA_FLAGS | {f"adalora_{k}": None for k in ("target_r", "tinit", "tfinal", "deltaT", "beta",
+                                                                      "orth_reg_weight")},
+                      "r", default_size=12, prunes=True),
+    "houlsby": Method("Houlsby", baselines.add_houlsby, {"size": WHOLE}, {"r": "size"}, "size", "m", matched=True),
+}
+NONE = "none"  # train.py --method none: the base model alone (zero-shot)
+# PARA's "static twin": (IA)^3 on exactly the projections PARA scales, learned but the same for every prompt
+VARIANTS = {"static twin": ("ia3", {"targets": list(para.SCALED)})}
+
+
+def label(method: str, settings: dict) -> str:
+    """A table's name for an adapter: "PARA r=12", "LoRA r=19", "Houlsby m=15", "(IA)^3"."""
+    m = METHODS[method]
+    return f"{m.label} {m.symbol}={settings[m.size]}" if m.size else m.label
+
+
+def compared_size(args: ModelArgs, method: str) -> dict:
+    """The settings bench.py and study.py compare a method at: PARA's count at PARA_R, or its default size."""
+    m = METHODS[method]
+    if not m.size:
+        return {}
+    return {m.size: size_matching_para(args, method) if m.matched or not m.default_size else m.default_size}
+
+
+# -----------------------------------------------------------------------------
+# Attaching an adapter
 
 
 def add_adapter(model: Transformer, method: str = "para", n_adapters: int = 1, **settings):
@@ -40,8 +87,7 @@ def add_adapter(model: Transformer, method: str = "para", n_adapters: int = 1, *
     if getattr(model, "adapter_config", None):
         raise UserError(f"the model already has a {model.adapter_config['method']} adapter")
     check_settings(method, settings)
-    add, _ = METHODS[method]
-    config = {"method": method, **add(model, **settings)}
+    config = {"method": method, **METHODS[method].add(model, **settings)}
     if n_adapters > 1:
         make_bank(model, n_adapters)
     model.adapter_config, model.n_adapters = config, n_adapters
@@ -52,7 +98,7 @@ def check_settings(method, settings, source="the adapter's settings"):
     """Refuse an unknown method, an unknown setting or a setting of the wrong type, naming where it came from."""
     if method not in METHODS:
         raise UserError(f"unknown adapter method {method!r} in {source}: choose from {', '.join(METHODS)}")
-    types = METHODS[method][1]
+    types = METHODS[method].settings
     for key, value in settings.items():
         if key not in types:
             raise UserError(f"{source}: {method} has no setting {key!r} (its settings: {', '.join(types) or 'none'})")
@@ -60,6 +106,20 @@ def check_settings(method, settings, source="the adapter's settings"):
             raise UserError(f"{source}: {method}'s {key!r} must be {TYPE_NAMES[types[key]]}, got {value!r}")
         if key in ("r", "size") and value < 1:
             raise UserError(f"{source}: {method}'s {key!r} must be at least 1, got {value}")
+
+
+def block_args(model: Transformer, prompt_len=None, adapter_ids=None, vectors=None) -> dict:
+    """The per-row arguments the model's blocks take (model.Transformer.forward hands them on), out of those a caller
+    has: PARA's blocks take each row's prompt_len and a generation's store of vectors, a bank's blocks each row's
+    adapter_ids, and model.py's own blocks none (none of the others changes what they compute)."""
+    config = getattr(model, "adapter_config", None)
+    args = {"prompt_len": prompt_len, "vectors": vectors} if config and METHODS[config["method"]].reads_prompt else {}
+    if getattr(model, "n_adapters", 1) > 1:
+        args["adapter_ids"] = adapter_ids
+    return args
+
+
+ADAPTER_PARAMS = ("vector_generator.", "ia3_", "lora_", "houlsby_")  # the adapters' tensor names contain one
 
 
 def is_adapter_param(name: str) -> bool:
@@ -86,9 +146,9 @@ def count_parameters(args: ModelArgs, method: str = "para", **settings) -> int:
 
 
 def size_matching_para(args: ModelArgs, method: str) -> int:
-    """LoRA's rank or the Houlsby bottleneck whose parameter count is closest to PARA's at r = 12."""
+    """The size (LoRA's rank, the Houlsby bottleneck) whose parameter count is closest to PARA's at r = PARA_R."""
     target = count_parameters(args, "para", r=PARA_R)
-    knob = {"lora": "r", "houlsby": "size"}[method]
+    knob = METHODS[method].size
     per_unit = count_parameters(args, method, **{knob: 2}) - count_parameters(args, method, **{knob: 1})
     fixed = count_parameters(args, method, **{knob: 1}) - per_unit  # Houlsby's output biases
     return max(1, round((target - fixed) / per_unit))
@@ -96,7 +156,8 @@ def size_matching_para(args: ModelArgs, method: str) -> int:
 
 # -----------------------------------------------------------------------------
 # Multi-tenant serving: a bank of n adapters of one method, each tensor stacked (n, *shape) under its name.
-# Row i of a batch uses adapter adapter_ids[i]; a call without adapter_ids uses adapter 0 for every row.
+# Row i of a batch uses adapter adapter_ids[i]; a call without adapter_ids uses adapter 0 for every row. A bank
+# computes each method's own equation (para.py, baselines.py), with each row's tensors in place of one set.
 
 
 def stacked(p: torch.Tensor, n: int) -> nn.Parameter:
@@ -115,60 +176,31 @@ def per_row(tensor, adapter_ids):
 class VectorGeneratorBank(para.VectorGenerator):
     """n vector generators: at the prompt, row i computes its vectors with adapter adapter_ids[i]'s weights."""
 
-    def __init__(self, vg: para.VectorGenerator, n: int):
-        nn.Module.__init__(self)
-        self.split_sizes = vg.split_sizes
-        self.down, self.up, self.bias = stacked(vg.down, n), stacked(vg.up, n), stacked(vg.bias, n)
-
     def forward(self, h, adapter_ids=None):
-        down, up, bias = (per_row(t, adapter_ids) for t in (self.down, self.up, self.bias))  # (B, D, r), ...
-        l = F.gelu(h.float()[:, None] @ down) @ up + bias  # Eq. 6, each row with its own weights: (B, 1, d_out)
-        return l.split(self.split_sizes, dim=-1)
+        return self.vectors(h, *(per_row(t, adapter_ids) for t in (self.down, self.up, self.bias)))  # (B, D, r), ...
 
 
 class Bank:
-    """A bank layer: BankBlock hands it the adapter_ids (B,) of the rows being computed, for one call."""
+    """A bank of one baseline's projections: its equation (adapt) with each row's tensors, at every decode step."""
 
-    adapter_ids = None
+    def forward(self, x, adapter_ids=None):
+        return self.adapt(x, nn.Linear.forward(self, x), *(per_row(t, adapter_ids) for t in self.tensors()))
 
 
 class IA3Bank(Bank, baselines.IA3Linear):
-    def __init__(self, layer: baselines.IA3Linear, n: int):
-        para.SharedLinear.__init__(self, layer)  # the same base weight
-        self.ia3_vector = stacked(layer.ia3_vector, n)
-
-    def vectors(self):
-        return per_row(self.ia3_vector, self.adapter_ids)
+    pass
 
 
 class LoRABank(Bank, baselines.LoRALinear):
-    def __init__(self, layer: baselines.LoRALinear, n: int):
-        para.SharedLinear.__init__(self, layer)
-        self.scaling, self.lora_A, self.lora_B = layer.scaling, stacked(layer.lora_A, n), stacked(layer.lora_B, n)
-
-    def low_rank(self):  # (B, r, in), (B, out, r): every decode step multiplies each row by its own A and B
-        return per_row(self.lora_A, self.adapter_ids), per_row(self.lora_B, self.adapter_ids)
+    pass
 
 
 class AdaLoRABank(Bank, baselines.AdaLoRALinear):
-    def __init__(self, layer: baselines.AdaLoRALinear, n: int):
-        para.SharedLinear.__init__(self, layer)
-        self.scaling = layer.scaling
-        self.lora_A, self.lora_E, self.lora_B = (stacked(t, n) for t in (layer.lora_A, layer.lora_E, layer.lora_B))
-
-    def low_rank(self):  # (B, r, in), (B, out, r)
-        A, E, B = (per_row(t, self.adapter_ids) for t in (self.lora_A, self.lora_E, self.lora_B))
-        return E * A, B
+    pass
 
 
 class HoulsbyBank(Bank, baselines.HoulsbyLinear):
-    def __init__(self, layer: baselines.HoulsbyLinear, n: int):
-        para.SharedLinear.__init__(self, layer)
-        for name in ("houlsby_down", "houlsby_down_bias", "houlsby_up", "houlsby_up_bias"):
-            setattr(self, name, stacked(getattr(layer, name), n))
-
-    def bottleneck(self):
-        return tuple(per_row(t, self.adapter_ids) for t in baselines.HoulsbyLinear.bottleneck(self))
+    pass
 
 
 BANKS = {baselines.IA3Linear: IA3Bank, baselines.LoRALinear: LoRABank, baselines.AdaLoRALinear: AdaLoRABank,
@@ -176,35 +208,34 @@ BANKS = {baselines.IA3Linear: IA3Bank, baselines.LoRALinear: LoRABank, baselines
 
 
 class BankBlock(TransformerBlock):
-    """A block whose adapted layers are banks; it hands them the adapter_ids of the rows of each call."""
+    """model.py's block, with the rows' adapter_ids (B,) handed to each projection that is a bank."""
 
-    def __init__(self, block: TransformerBlock):
-        nn.Module.__init__(self)
-        for name, child in block.named_children():  # adopt the block's modules, as para.PARABlock does
-            self.add_module(name, child)
-        self.banks = [m for m in self.modules() if isinstance(m, Bank)]
+    def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None):
+        def project(linear, x):  # a bank picks each row's adapter; a plain projection is the same for every row
+            return linear(x, adapter_ids) if isinstance(linear, Bank) else linear(x)
 
-    def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, adapter_ids=None):
-        for bank in self.banks:
-            bank.adapter_ids = adapter_ids
-        try:
-            return super().forward(x, rot, mask, cache, start_pos)
-        finally:  # they belong to this call's rows: no later call may see them
-            for bank in self.banks:
-                bank.adapter_ids = None
+        att, ffn = self.attention, self.feed_forward
+        a = self.attention_norm(x)
+        h = x + project(att.wo, att.attend(project(att.wq, a), project(att.wk, a), project(att.wv, a), rot, mask,
+                                           cache, start_pos))
+        f = self.ffn_norm(h)
+        return h + project(ffn.w2, F.silu(project(ffn.w1, f)) * project(ffn.w3, f))
 
 
 def make_bank(model: Transformer, n: int):
     """Turn the model's adapter into a bank of n copies of it, in place."""
-    for i, block in enumerate(model.layers):
+    for block in model.layers:
         if isinstance(block, para.PARABlock):
-            block.vector_generator = VectorGeneratorBank(block.vector_generator, n)
+            vg = block.vector_generator
+            vg.__class__ = VectorGeneratorBank
+            vg.down, vg.up, vg.bias = (stacked(t, n) for t in (vg.down, vg.up, vg.bias))
             continue
-        for parent in (block.attention, block.feed_forward):
-            for name, layer in list(parent.named_children()):
-                if type(layer) in BANKS:
-                    setattr(parent, name, BANKS[type(layer)](layer, n))
-        model.layers[i] = BankBlock(block)
+        for layer in block.modules():
+            if type(layer) in BANKS:
+                layer.__class__ = BANKS[type(layer)]
+                for name, t in zip(layer.TENSORS, layer.tensors()):
+                    setattr(layer, name, stacked(t, n))
+        block.__class__ = BankBlock
 
 
 def check_adapter_ids(model: Transformer, adapter_ids):
@@ -220,6 +251,9 @@ def check_adapter_ids(model: Transformer, adapter_ids):
 
 # -----------------------------------------------------------------------------
 # Adapter files: one adapter's tensors, its config, and the shape of the base model it was trained on
+
+FILE_FORMAT = "para-adapter-v1"
+BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # a base model's shape
 
 
 def base_shape(args: ModelArgs) -> dict:
@@ -308,7 +342,5 @@ if __name__ == "__main__":
                                        multiple_of=4096),
               "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)}
     for name, args in models.items():
-        lora_r, size = size_matching_para(args, "lora"), size_matching_para(args, "houlsby")
-        settings = [("para", dict(r=PARA_R)), ("ia3", {}), ("ia3", dict(targets=["wq", "wv", "w3"])),
-                    ("lora", dict(r=8)), ("lora", dict(r=lora_r)), ("adalora", dict(r=12)), ("houlsby", dict(size=size))]
-        print(f"{name}: " + ", ".join(f"{m} {s}: {count_parameters(args, m, **s):,}" for m, s in settings))
+        rows = {label(m, compared_size(args, m)): (m, compared_size(args, m)) for m in METHODS} | VARIANTS
+        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, **s):,}" for row, (m, s) in rows.items()))

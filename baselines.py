@@ -1,9 +1,9 @@
 """
-The paper's baselines, in para.py's style: each adapted layer is an nn.Linear over the loaded weight.
+The paper's baselines, in para.py's style: each turns a loaded projection (an nn.Linear) into an adapted one.
 
 (IA)^3 (Liu et al. 2022): learned vectors, initialised to 1, scale K = x Wk, V = x Wv and the FFN intermediate
     silu(x W1) ⊙ x W3 before W2 (PEFT's defaults for Llama). l ⊙ (silu(x W1) ⊙ x W3) = silu(x W1) ⊙ (l ⊙ x W3), so
-    the FFN's vector scales w3's output, which keeps it apart from the bf16 rounding of the product (para.cast_back).
+    the FFN's vector scales w3's output, which keeps it apart from the bf16 rounding of the product (cast_back).
     Like PARA, one elementwise multiply per projection, but the vectors are the same for every prompt. On PARA's
     own projections (wq, wv, w3) it is PARA's "static twin".
 LoRA (Hu et al. 2021): W x + (alpha/r) B A x on wq and wv by default; A ~ kaiming-uniform(a=√5), B = 0.
@@ -15,9 +15,10 @@ AdaLoRA (Zhang et al. 2023): W x + (alpha/r) P Λ Q x, an SVD-like triplet per m
 Houlsby adapter (Houlsby et al. 2019): a bottleneck z + up(GELU(down(z))) on the output z of each block's
     attention sublayer and FFN sublayer (after wo and after w2, before the residual add); up = 0 at the start.
 
-Adapter tensors are fp32 whatever the model's dtype, and they act in fp32 (the vectors multiply, the updates
-add): in bf16 a small update would round away (para.cast_back). adapters.py serves a bank of them in one batch
-by overriding the one method of each layer that returns its tensors (vectors(), low_rank(), bottleneck()).
+Each method's equation is written once, in its layer's adapt(x, y, *tensors), with y = x W^T the loaded projection's
+output. Its tensors are the layer's own, or, in a bank of adapters (adapters.py), each row's own with a leading
+batch dimension: the same broadcasting and batched matmuls serve both. They are fp32 whatever the model's dtype,
+and act in fp32 (para.scale says why).
 """
 import math
 
@@ -26,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from para import SharedLinear, cast_back
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 FEED_FORWARD = ("w1", "w2", "w3")
@@ -36,126 +36,123 @@ def fp32_parameter(tensor):
     return nn.Parameter(tensor.float())
 
 
-class IA3Linear(SharedLinear):
-    """l ⊙ (x W^T)."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__(base)
-        self.ia3_vector = fp32_parameter(torch.ones(self.out_features, device=self.weight.device))  # 1: the identity
-
-    def vectors(self):
-        return self.ia3_vector  # (n,)
-
-    def forward(self, x):
-        y = super().forward(x)
-        return cast_back(self.vectors() * y.float(), y.dtype)
+def cast_back(out, y):
+    """An adapter's fp32 result out, in the dtype of the base output y it changes; under autocast (bf16 training) it
+    stays fp32 until the next operation takes it, as para.scale's product does, for the same reason."""
+    return out if out.dtype == y.dtype or torch.is_autocast_enabled(y.device.type) else out.to(y.dtype)
 
 
-class LoRALinear(SharedLinear):
-    """x W^T + (alpha/r) (x A^T) B^T, unmerged."""
+class AdaptedLinear(nn.Linear):
+    """A loaded projection with an adapter: an add_* function below turns the loaded nn.Linear into one in place
+    (its class changes, its weight stays where it is) and gives it its TENSORS."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__(base)
-        self.scaling = alpha / r
-        device = self.weight.device
-        self.lora_A = fp32_parameter(torch.empty(r, self.in_features, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default: uniform(±1/sqrt(in_features))
-        self.lora_B = fp32_parameter(torch.zeros(self.out_features, r, device=device))
+    TENSORS: tuple = ()  # the adapter's tensors, in the order adapt() takes them
 
-    def low_rank(self):
-        return self.lora_A, self.lora_B  # (r, in), (out, r)
+    def tensors(self):
+        return tuple(getattr(self, name) for name in self.TENSORS)
 
     def forward(self, x):
-        y = super().forward(x)
-        A, B = self.low_rank()
+        return self.adapt(x, super().forward(x), *self.tensors())  # super(): x W^T with the loaded weight
+
+
+class IA3Linear(AdaptedLinear):
+    TENSORS = ("ia3_vector",)
+
+    def adapt(self, x, y, l):  # l (out,), or each row's (B, 1, out)
+        return cast_back(l * y.float(), y)  # l ⊙ (x W^T)
+
+
+class LoRALinear(AdaptedLinear):
+    TENSORS = ("lora_A", "lora_B")
+
+    def adapt(self, x, y, A, B):  # A (r, in), B (out, r), or each row's (B, r, in), (B, out, r)
         delta = (x.float() @ A.mT) @ B.mT  # two thin matmuls, never the (out, in) product B A
-        return cast_back(y.float() + self.scaling * delta, y.dtype)
+        return cast_back(y.float() + self.scaling * delta, y)  # x W^T + (alpha/r) (x A^T) B^T
 
 
 class AdaLoRALinear(LoRALinear):
-    """x W^T + (alpha/r) x (E ⊙ A)^T B^T: LoRA's forward with Q = lora_A (r, in), P = lora_B (out, r) and the
-    singular values Λ = lora_E (r, 1), zero where the RankAllocator pruned a triplet."""
+    """LoRA's update with Q = lora_A (r, in), P = lora_B (out, r) and the singular values Λ = lora_E (r, 1), zero
+    where the RankAllocator pruned a triplet."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        SharedLinear.__init__(self, base)  # not LoRALinear's: another initialisation
-        self.scaling = alpha / r  # PEFT: alpha / (r + 1e-5), and r stays the initial rank however many are pruned
-        device = self.weight.device
-        self.lora_A = fp32_parameter(torch.randn(r, self.in_features, device=device) * 0.02)
-        self.lora_E = fp32_parameter(torch.zeros(r, 1, device=device))  # 0: a fresh adapter is the base model
-        self.lora_B = fp32_parameter(torch.randn(self.out_features, r, device=device) * 0.02)
+    TENSORS = ("lora_A", "lora_E", "lora_B")
 
-    def low_rank(self):
-        return self.lora_E * self.lora_A, self.lora_B  # Λ Q (r, in), P (out, r)
+    def adapt(self, x, y, A, E, B):
+        return super().adapt(x, y, E * A, B)  # x W^T + (alpha/r) x (Λ Q)^T P^T
 
 
-class HoulsbyLinear(SharedLinear):
-    """z + up(GELU(down(z))) on this Linear's output z = x W^T: Houlsby's adapter after a sublayer."""
+class HoulsbyLinear(AdaptedLinear):
+    TENSORS = ("houlsby_down", "houlsby_down_bias", "houlsby_up", "houlsby_up_bias")
 
-    def __init__(self, base: nn.Linear, size: int):
-        super().__init__(base)
-        d, device = self.out_features, self.weight.device
-        down = nn.Linear(d, size, device=device)  # PyTorch's default init: kaiming-uniform, like LoRA's A
-        self.houlsby_down, self.houlsby_down_bias = fp32_parameter(down.weight.detach()), fp32_parameter(down.bias.detach())
-        self.houlsby_up = fp32_parameter(torch.zeros(d, size, device=device))  # 0: a fresh adapter is the identity
-        self.houlsby_up_bias = fp32_parameter(torch.zeros(d, device=device))
-
-    def bottleneck(self):
-        return self.houlsby_down, self.houlsby_down_bias, self.houlsby_up, self.houlsby_up_bias
-
-    def forward(self, x):
-        z = super().forward(x)
-        down, down_bias, up, up_bias = self.bottleneck()  # (m, d), (m,), (d, m), (d,)
-        return cast_back(z.float() + F.gelu(z.float() @ down.mT + down_bias) @ up.mT + up_bias, z.dtype)
+    def adapt(self, x, z, down, down_bias, up, up_bias):  # (m, d), (m,), (d, m), (d,), or each row's
+        return cast_back(z.float() + F.gelu(z.float() @ down.mT + down_bias) @ up.mT + up_bias, z)  # z + up(GELU(down(z)))
 
 
-def replace(model, targets, make):
-    """Every block's target Linears (Meta names) become make(linear, name)."""
+def adapt(model, targets, cls, new_tensors):
+    """Every block's target projections (Meta names) become cls, in place, with the tensors that
+    new_tensors(linear, device) returns, {name: initial value}."""
     for t in targets:
         if t not in ATTENTION + FEED_FORWARD:
             raise UserError(f"unknown target {t!r}: choose from {', '.join(ATTENTION + FEED_FORWARD)}")
     for block in model.layers:
         for t in targets:
-            parent = block.attention if t in ATTENTION else block.feed_forward
-            setattr(parent, t, make(getattr(parent, t), t))
+            linear = getattr(block.attention if t in ATTENTION else block.feed_forward, t)
+            tensors = new_tensors(linear, linear.weight.device)
+            linear.__class__ = cls
+            for name, value in tensors.items():
+                setattr(linear, name, fp32_parameter(value))
 
 
 def add_ia3(model, targets=("wk", "wv", "w3")) -> dict:
     """PEFT's Llama defaults: K, V, and the FFN intermediate (as w3's output). wq, wv, w3: PARA's static twin."""
-    replace(model, targets, lambda linear, t: IA3Linear(linear))
+    adapt(model, targets, IA3Linear, lambda linear, device: {"ia3_vector": torch.ones(linear.out_features, device=device)})  # the identity
     return {"targets": list(targets)}
 
 
 def add_lora(model, r: int = 8, alpha: float = 8, targets=("wq", "wv")) -> dict:
     """alpha defaults to PEFT's lora_alpha (8)."""
-    replace(model, targets, lambda linear, t: LoRALinear(linear, r, alpha))
+    def new(linear, device):
+        linear.scaling = alpha / r
+        A = torch.empty(r, linear.in_features, device=device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's default: uniform(±1/sqrt(in_features))
+        return {"lora_A": A, "lora_B": torch.zeros(linear.out_features, r, device=device)}  # B = 0: a fresh adapter is the identity
+    adapt(model, targets, LoRALinear, new)
     return {"r": r, "alpha": alpha, "targets": list(targets)}
 
 
 def add_adalora(model, r: int = 12, alpha: float = 8, targets=("wq", "wv")) -> dict:
     """PEFT's defaults: init_r 12, lora_alpha 8, LoRA's targets."""
-    replace(model, targets, lambda linear, t: AdaLoRALinear(linear, r, alpha))
+    def new(linear, device):
+        linear.scaling = alpha / r  # PEFT: alpha / (r + 1e-5), and r stays the initial rank however many are pruned
+        return {"lora_A": torch.randn(r, linear.in_features, device=device) * 0.02,
+                "lora_E": torch.zeros(r, 1, device=device),  # Λ = 0: a fresh adapter is the identity
+                "lora_B": torch.randn(linear.out_features, r, device=device) * 0.02}
+    adapt(model, targets, AdaLoRALinear, new)
     return {"r": r, "alpha": alpha, "targets": list(targets)}
 
 
 def add_houlsby(model, size: int) -> dict:
     """One adapter after each block's attention sublayer (wo's output) and FFN sublayer (w2's output)."""
-    replace(model, ("wo", "w2"), lambda linear, t: HoulsbyLinear(linear, size))
+    def new(linear, device):
+        down = nn.Linear(linear.out_features, size, device=device)  # PyTorch's init: kaiming-uniform, like LoRA's A
+        return {"houlsby_down": down.weight.detach(), "houlsby_down_bias": down.bias.detach(),
+                "houlsby_up": torch.zeros(linear.out_features, size, device=device),  # 0: a fresh adapter is the identity
+                "houlsby_up_bias": torch.zeros(linear.out_features, device=device)}
+    adapt(model, ("wo", "w2"), HoulsbyLinear, new)
     return {"size": size}
 
 
 @torch.no_grad()
 def merge_lora(model):
     """Fold a single LoRA adapter into the base weights, W += (alpha/r) B A, and make the layers plain Linears again."""
-    if getattr(model, "adapter_config", None) is None or model.adapter_config["method"] != "lora":
-        raise ValueError("merge_lora needs a model with a LoRA adapter")
-    if model.n_adapters != 1:
+    if getattr(model, "n_adapters", 1) != 1:
         raise ValueError(f"cannot merge a bank of {model.n_adapters} adapters into one set of weights")
-    for block in model.layers:
-        for parent in (block.attention, block.feed_forward):
-            for name, m in list(parent.named_children()):
-                if isinstance(m, LoRALinear):
-                    m.weight += ((m.lora_B @ m.lora_A) * m.scaling).to(m.weight.dtype)  # (out, in)
-                    setattr(parent, name, SharedLinear(m))  # the merged weight, without the LoRA tensors
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers or any(type(m) is not LoRALinear for m in layers):  # none, or AdaLoRA's
+        raise ValueError("merge_lora needs a model with a LoRA adapter")
+    for m in layers:
+        m.weight += ((m.lora_B @ m.lora_A) * m.scaling).to(m.weight.dtype)  # (out, in)
+        m.__class__ = nn.Linear  # the merged weight, without the LoRA tensors
+        del m.lora_A, m.lora_B, m.scaling
     model.adapter_config, model.n_adapters = None, 0
     return model
 

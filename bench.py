@@ -68,7 +68,8 @@ import baselines
 import generate
 from adapters import PARA_R
 from errors import UserError
-from model import DTYPES, ModelArgs, Transformer, default_model_path, load, pick_device
+from loaders import DTYPES, default_model_path, load, pick_device
+from model import ModelArgs, Transformer
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
 TEXT = (

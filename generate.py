@@ -17,25 +17,28 @@ the vectors) followed by decode steps of one token per row, which only read the 
 Beam search follows the rules of HF Transformers' beam search (5.x), so that both return the same tokens.
 """
 import argparse
+import dataclasses
 import json
 import math
 import resource
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 import adapters
 from errors import UserError
-from model import DTYPES, load, pick_device
+from loaders import DTYPES, load, pick_device
 
 
 class KVCache:
     """What each row of a batch carries from one decode step to the next: the keys and values of every layer,
-    preallocated for up to `batch_size` rows and `max_len` positions, each row's left padding and adapter, and
-    PARA's vectors, computed from the prompt at prefill (para.PARABlock).
+    preallocated for up to `batch_size` rows and `max_len` positions, each row's left padding and adapter, and the
+    store of PARA's vectors, which the prefill fills from the prompts (para.PARABlock). Each step hands the model
+    these as arguments (prefill, decode_step).
 
     Each layer holds (batch_size, nkv, max_len, hd); a forward over B rows uses the first B of them. Only the
     nkv key/value heads are stored: attention shares each among nh/nkv query heads after reading.
@@ -107,13 +110,14 @@ class Generation:
 
 def prefill(model, tokens, cache):
     """One forward over the left-padded prompts (B, T) at start_pos 0; logits (B, vocab) of each row's next token."""
-    out = model(tokens, 0, pad_len=cache.pad_len, cache=cache, last_only=True, adapter_ids=cache.adapter_ids)
-    return out[:, -1]
+    rows = adapters.block_args(model, adapter_ids=cache.adapter_ids, vectors=cache.vectors)  # PARA fills the vectors
+    return model(tokens, 0, pad_len=cache.pad_len, cache=cache, last_only=True, **rows)[:, -1]
 
 
 def decode_step(model, token, pos, cache):
     """Feed one token per row (B,) at cache position pos; logits (B, vocab) of each row's next token."""
-    return model(token[:, None], pos, pad_len=cache.pad_len, cache=cache, adapter_ids=cache.adapter_ids)[:, -1]
+    rows = adapters.block_args(model, adapter_ids=cache.adapter_ids, vectors=cache.vectors)  # PARA reads the vectors
+    return model(token[:, None], pos, pad_len=cache.pad_len, cache=cache, **rows)[:, -1]
 
 
 COMPILED = {}  # device type -> decode_step compiled (torch caches one graph per model and shape under it)
@@ -162,31 +166,44 @@ def left_pad(prompts, pad_id, device):
     return tokens.to(device), (torch.tensor(pad, device=device) if any(pad) else None)
 
 
-def check_generation(prompts, *, max_new_tokens, max_seq_len, temperature, top_k, top_p, num_beams, length_penalty,
-                     early_stopping, stop):
-    """Refuse what cannot be generated, with a message that says what to change."""
-    if max_new_tokens < 1 or num_beams < 1:
-        raise UserError(f"max_new_tokens and num_beams must be at least 1, got {max_new_tokens} and {num_beams}")
-    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
-        raise UserError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got temperature "
-                        f"{temperature}, top_p {top_p}, top_k {top_k}")
-    if num_beams > 1 and temperature > 0:
-        raise UserError("beam search here is deterministic: use temperature 0 with num_beams > 1")
-    if not math.isfinite(length_penalty):
-        raise UserError(f"length_penalty must be a finite number, got {length_penalty}")
-    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
-        raise UserError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if stop and not all(stop):
-        raise UserError("a stop string must not be empty: every text contains the empty string")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise UserError(f"prompt {i} is empty: give at least one token")
-        if len(p) + max_new_tokens > max_seq_len:
-            raise UserError(
-                f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens that is {len(p) + max_new_tokens}, "
-                f"more than the model's context of {max_seq_len}: shorten the prompt, ask for fewer new tokens, "
-                "or truncate the prompt from the left (--truncate)"
-            )
+@dataclass
+class Options:
+    """How to continue the prompts: the decoding, and when a row stops."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy; above 0 sampling, with top_k / top_p truncation and a seed
+    top_k: int = 0  # sample from the k most likely tokens (0: all)
+    top_p: float = 1.0  # sample from the smallest set of tokens with this probability mass
+    seed: Optional[int] = None  # of the sampler: a seed reproduces the whole batch
+    num_beams: int = 1  # > 1: beam search (greedy only), by HF's rules
+    length_penalty: float = 1.0  # beam score = sum of log-probs / new tokens ** length_penalty
+    early_stopping: Union[bool, str] = False  # beam search: True, False or "never", as in HF
+    stop: Optional[list] = None  # a row stops when its text contains one of these strings
+    eos_id: Optional[int] = None  # a row stops at this token; None: the tokenizer's EOS; -1: never
+
+    def check(self, prompts=(), max_seq_len=math.inf):
+        """Refuse what cannot be generated, with a message that says what to change."""
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise UserError(f"max_new_tokens and num_beams must be at least 1, got {self.max_new_tokens} and "
+                            f"{self.num_beams}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise UserError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got temperature "
+                            f"{self.temperature}, top_p {self.top_p}, top_k {self.top_k}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise UserError("beam search here is deterministic: use temperature 0 with num_beams > 1")
+        if not math.isfinite(self.length_penalty):
+            raise UserError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
+            raise UserError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.stop and not all(self.stop):
+            raise UserError("a stop string must not be empty: every text contains the empty string")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise UserError(f"prompt {i} is empty: give at least one token")
+            if len(p) + self.max_new_tokens > max_seq_len:
+                raise UserError(
+                    f"prompt {i} has {len(p)} tokens; with {self.max_new_tokens} new tokens that is "
+                    f"{len(p) + self.max_new_tokens}, more than the model's context of {max_seq_len}: shorten the "
+                    "prompt, ask for fewer new tokens, or truncate the prompt from the left (--truncate)")
 
 
 def stop_at(text, stop):
@@ -204,75 +221,70 @@ def cut_at_stop(text, stop):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-             num_beams=1, length_penalty=1.0, early_stopping=False, stop=None, seed=None, adapter_ids=None,
-             eos_id=None, stream=None, compile=False) -> list[Generation]:
+def generate(model, tokenizer, prompts: list[list[int]], options: Optional[Options] = None, *, adapter_ids=None,
+             stream=None, compile=False, **more_options) -> list[Generation]:
     """Continue each prompt (a list of token ids); all prompts form one left-padded batch.
 
-    temperature 0 is greedy decoding; above 0 it samples, with top_k / top_p truncation and a seed.
-    num_beams > 1 is beam search (greedy only), with HF's length_penalty and early_stopping (True, False, "never").
-    A row stops at EOS (eos_id, default: the tokenizer's; -1: never), at max_new_tokens, or at a stop string:
-    its tokens then include those of the stop string, its text is cut before it.
+    options: an Options, or its fields as keyword arguments (generate(model, tok, prompts, max_new_tokens=32)).
+    A row stops at EOS, at max_new_tokens, or at a stop string: its tokens then include those of the stop string,
+    its text is cut before it.
     adapter_ids (B,) pick each row's adapter from a bank (adapters.load_adapter of several files).
     stream(i, token) is called with every new token of prompt i as soon as it is chosen (not with beam search).
     compile: decode with compiled_decode_step (the first call of each model and batch size compiles it).
     """
-    check_generation(prompts, max_new_tokens=max_new_tokens, max_seq_len=model.args.max_seq_len,
-                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                     length_penalty=length_penalty, early_stopping=early_stopping, stop=stop)
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    o = dataclasses.replace(options or Options(), **more_options)
+    o.check(prompts, model.args.max_seq_len)
+    if o.eos_id is None:
+        o.eos_id = tokenizer.eos_id
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     tokens, pad_len = left_pad(prompts, tokenizer.pad_id, device)
     B, T0 = tokens.shape
     a = model.args
-    max_len = T0 + max_new_tokens
+    max_len = T0 + o.max_new_tokens
     if compile:  # in steps of 256, so that batches of other lengths mostly share a compiled graph
         max_len = min(-(-max_len // 256) * 256, a.max_seq_len)
-    cache = KVCache(a.n_layers, B * num_beams, max_len, a.n_kv_heads, a.head_dim, device, dtype,
+    cache = KVCache(a.n_layers, B * o.num_beams, max_len, a.n_kv_heads, a.head_dim, device, dtype,
                     pad_len=pad_len, adapter_ids=adapters.check_adapter_ids(model, adapter_ids), static=compile)
     if compile:  # the step's position as a tensor: a new int at every step would be a new graph
         step = compiled_decode_step(device)
-        decode = lambda token, pos: step(model, token, torch.tensor(pos, device=device), cache)
+        decode = lambda token, pos: step(model, token, torch.tensor(T0 + pos, device=device), cache)
     else:
-        decode = lambda token, pos: decode_step(model, token, pos, cache)
+        decode = lambda token, pos: decode_step(model, token, T0 + pos, cache)
 
     def ends(ids):  # a stop string in the text of ids
-        return bool(stop) and stop_at(tokenizer.decode(ids), stop) is not None
+        return bool(o.stop) and stop_at(tokenizer.decode(ids), o.stop) is not None
 
     start = time.perf_counter()
     logits = prefill(model, tokens, cache)  # (B, vocab); PARA computes each row's vectors here
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so that the clock reads the prefill's end, not its launch
     prefill_seconds = time.perf_counter() - start
-    if num_beams > 1:
-        outputs = beam_search(decode, logits, cache, T0=T0, max_new_tokens=max_new_tokens, eos_id=eos_id, ends=ends,
-                              num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    if o.num_beams > 1:
+        outputs = beam_search(decode, logits, cache, o, ends, T0)
     else:
-        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        outputs = sample_tokens(decode, logits, cache, T0=T0, max_new_tokens=max_new_tokens, eos_id=eos_id, ends=ends,
-                                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, stream=stream)
+        generator = torch.Generator(device).manual_seed(o.seed) if o.seed is not None else None
+        outputs = sample_tokens(decode, logits, cache, o, ends, generator, stream)
     seconds = time.perf_counter() - start
-    return [Generation(ids, cut_at_stop(tokenizer.decode(ids), stop), seconds, prefill_seconds) for ids in outputs]
+    return [Generation(ids, cut_at_stop(tokenizer.decode(ids), o.stop), seconds, prefill_seconds) for ids in outputs]
 
 
-def sample_tokens(decode, logits, cache, *, T0, max_new_tokens, eos_id, ends, temperature, top_k, top_p, generator,
-                  stream):
-    """Greedy or sampled decoding of every row; finished rows leave the batch. decode(token, pos) is one decode
-    step. Returns the new ids of each prompt."""
+def sample_tokens(decode, logits, cache, o: Options, ends, generator=None, stream=None):
+    """Greedy or sampled decoding of every row; finished rows leave the batch. decode(token, step) runs one decode
+    step, after the step-th new token. Returns the new ids of each prompt."""
     outputs = [[] for _ in range(logits.shape[0])]
     rows = list(range(logits.shape[0]))  # the prompt of each batch row (None: finished, in a static batch)
-    for step in range(max_new_tokens):
-        next_token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (R,)
+    for step in range(o.max_new_tokens):
+        next_token = sample(logits, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator)
         running = []  # batch rows that go on
         for r, token in enumerate(next_token.tolist()):  # the one host sync of a step
-            if rows[r] is None or token == eos_id:
+            if rows[r] is None or token == o.eos_id:
                 continue
             outputs[rows[r]].append(token)
             if stream:
                 stream(rows[r], token)
             if not ends(outputs[rows[r]]):
                 running.append(r)
-        if not running or step == max_new_tokens - 1:
+        if not running or step == o.max_new_tokens - 1:
             break
         if len(running) < len(rows):  # some rows finished
             if cache.static:  # they run on, unread: one batch size, one compiled graph
@@ -281,11 +293,11 @@ def sample_tokens(decode, logits, cache, *, T0, max_new_tokens, eos_id, ends, te
                 cache.reorder(running)
                 next_token = next_token[torch.tensor(running, device=next_token.device)]
                 rows = [rows[r] for r in running]
-        logits = decode(next_token, T0 + step)
+        logits = decode(next_token, step)
     return outputs
 
 
-def beam_search(decode, logits, cache, *, T0, max_new_tokens, eos_id, ends, num_beams, length_penalty, early_stopping):
+def beam_search(decode, logits, cache, o: Options, ends, T0):
     """Beam search, one independent search per prompt, by HF Transformers' rules:
 
     - Each step, every running beam is extended by every token, and the 2*num_beams best extensions of a prompt
@@ -300,29 +312,31 @@ def beam_search(decode, logits, cache, *, T0, max_new_tokens, eos_id, ends, num_
       running beam could not beat the worst of them: sum / L ** length_penalty <= worst score, with L the current
       length (early_stopping False), or max_new_tokens when early_stopping is "never" and length_penalty > 0.
     - The answer is the best finished hypothesis.
+
+    decode(token, step) runs one decode step; T0 is the prompts' length, where the cache's new tokens begin.
     """
-    V = logits.shape[-1]
-    assert V >= 2 * num_beams, "beam search needs a vocabulary of at least 2 * num_beams tokens"
+    V, nb = logits.shape[-1], o.num_beams
+    assert V >= 2 * nb, "beam search needs a vocabulary of at least 2 * num_beams tokens"
     n_prompts = logits.shape[0]
     beams = [[[]] for _ in range(n_prompts)]  # the running beams' tokens; one empty beam per prompt after prefill
     finished = [[] for _ in range(n_prompts)]  # (score, tokens) of the best finished hypotheses, best first
     searching = list(range(n_prompts))  # prompts not done, in batch order; each has len(beams[p]) consecutive rows
     beam_logp = torch.zeros(n_prompts, device=logits.device)  # (R,) sum of log-probs of each row's beam
-    for step in range(max_new_tokens):
+    for step in range(o.max_new_tokens):
         n = len(beams[searching[0]])  # beams per prompt: 1 after the prefill, num_beams after
         length = step + 1  # new tokens in a hypothesis that ends with this step's token
         logp = F.log_softmax(logits, dim=-1) + beam_logp[:, None]  # (R, V) a beam's log-prob + its next token's
-        top_logp, top_index = logp.view(len(searching), n * V).topk(2 * num_beams)  # (P, 2nb), best first
+        top_logp, top_index = logp.view(len(searching), n * V).topk(2 * nb)  # (P, 2nb), best first
         # the score each candidate would have if it ended here, and the best score it could reach by running on
-        best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
-        candidates = torch.stack([top_logp, top_logp / length ** length_penalty, top_logp / best_len ** length_penalty])
-        candidates = candidates.tolist()  # the step's one host sync
+        best_len = o.max_new_tokens if o.early_stopping == "never" and o.length_penalty > 0 else length
+        scores = torch.stack([top_logp, top_logp / length ** o.length_penalty, top_logp / best_len ** o.length_penalty])
+        scores = scores.permute(1, 2, 0).tolist()  # (P, 2nb, 3): the step's one host sync
         top_index = top_index.tolist()
         next_rows, next_tokens, next_logp, still_searching = [], [], [], []
         for i, p in enumerate(searching):
-            running = step_one_prompt(beams[p], finished[p], [c[i] for c in candidates], top_index[i], V=V,
-                                      first_row=i * n, length=length, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                      ends=ends, num_beams=num_beams, early_stopping=early_stopping)
+            # candidate j: (sum of log-probs, score if it ended, best reachable score, row of its beam, token)
+            candidates = [(*scores[i][j], i * n + top_index[i][j] // V, top_index[i][j] % V) for j in range(2 * nb)]
+            running = step_one_prompt(beams[p], finished[p], candidates, length, o, ends)
             if running is None:
                 continue  # done: the prompt leaves the batch
             still_searching.append(p)
@@ -334,44 +348,42 @@ def beam_search(decode, logits, cache, *, T0, max_new_tokens, eos_id, ends, num_
         if next_rows != list(range(logp.shape[0])):
             # the beams of one prompt share its keys and values up to T0 (and its per-row state): only a change of
             # rows per prompt (1 -> num_beams after the prefill, or a prompt leaving) needs those moved too
-            same_groups = n == num_beams and still_searching == searching
+            same_groups = n == nb and still_searching == searching
             cache.reorder(next_rows, start=T0 if same_groups else 0)
         searching = still_searching
         beam_logp = torch.tensor(next_logp, device=logits.device)
-        logits = decode(torch.tensor(next_tokens, device=logits.device), T0 + step)
+        logits = decode(torch.tensor(next_tokens, device=logits.device), step)
     outputs = []
     for hypotheses in finished:
         tokens = hypotheses[0][1]
-        outputs.append(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
+        outputs.append(tokens[:-1] if tokens and tokens[-1] == o.eos_id else tokens)
     return outputs
 
 
-def step_one_prompt(beams, finished, candidates, top_index, *, V, first_row, length, max_new_tokens, eos_id, ends,
-                    num_beams, early_stopping):
+def step_one_prompt(beams, finished, candidates, length, o: Options, ends):
     """One beam-search step of one prompt (beam_search's rules): files its ending candidates into `finished`, in
-    place, and returns its next beams as (row, token, sum of log-probs, tokens), or None when the prompt is done."""
-    sum_logp, score_if_ended, best_possible = candidates  # (2nb,) each, best first
+    place, and returns its next beams as (row, token, sum of log-probs, tokens), or None when the prompt is done.
+    The prompt's beams are consecutive rows of the batch: a candidate's row modulo their number is its beam."""
     running = []
-    bound = None  # best_possible of the best running candidate
-    for j in range(2 * num_beams):
-        beam, token = divmod(top_index[j], V)
-        tokens = beams[beam] + [token]
-        if token == eos_id or length == max_new_tokens or ends(tokens):
-            if j < num_beams:  # lower candidates only stand by, in case the top ones all end
-                finished.append((score_if_ended[j], tokens))
+    bound = None  # best reachable score of the best running candidate
+    for j, (sum_logp, score_if_ended, best_possible, row, token) in enumerate(candidates):
+        tokens = beams[row % len(beams)] + [token]
+        if token == o.eos_id or length == o.max_new_tokens or ends(tokens):
+            if j < o.num_beams:  # lower candidates only stand by, in case the top ones all end
+                finished.append((score_if_ended, tokens))
                 finished.sort(key=lambda h: -h[0])
-                del finished[num_beams:]
-        elif len(running) < num_beams:
-            running.append((first_row + beam, token, sum_logp[j], tokens))
-            bound = best_possible[j] if bound is None else bound
-    full = len(finished) == num_beams
-    if length == max_new_tokens or not running or (full and (early_stopping is True or bound <= finished[-1][0])):
+                del finished[o.num_beams:]
+        elif len(running) < o.num_beams:
+            running.append((row, token, sum_logp, tokens))
+            bound = best_possible if bound is None else bound
+    full = len(finished) == o.num_beams
+    if length == o.max_new_tokens or not running or (full and (o.early_stopping is True or bound <= finished[-1][0])):
         return None  # done; also when every candidate ended (stop strings can end many at once)
     # Stop strings can end more than num_beams candidates (EOS ends at most one per beam): the prompt then runs
     # on with fewer beams. Its empty slots hold a dead copy of a beam, sum of log-probs -inf, whose extensions
     # never rank among the top candidates; so every prompt keeps num_beams rows, and the batch its shape.
     row, token, _, tokens = running[0]
-    return running + [(row, token, float("-inf"), tokens)] * (num_beams - len(running))
+    return running + [(row, token, float("-inf"), tokens)] * (o.num_beams - len(running))
 
 
 # -----------------------------------------------------------------------------
@@ -497,11 +509,11 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         texts, files = read_prompts(args)
-        settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                        early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
-                        stop=args.stop)
-        check_generation([[0]], max_seq_len=math.inf, **settings)  # the flags, before the model is loaded
+        options = Options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, num_beams=args.num_beams,
+                          length_penalty=args.length_penalty, stop=args.stop,
+                          early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping])
+        options.check()  # the flags, before the model is loaded
         device = pick_device(args.device)
         model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
         adapter_ids = None
@@ -510,12 +522,11 @@ def main(argv=None):
             adapters.load_adapter(model, paths)
             adapter_ids = [paths.index(f) for f in files]
         prompts = encode(texts, tokenizer, args, model.args.max_seq_len)
-        check_generation(prompts, max_seq_len=model.args.max_seq_len, **settings)
+        options.check(prompts, model.args.max_seq_len)
     except UserError as e:
         parser.error(str(e))
     printer = Printer(tokenizer, args.stop) if len(prompts) == 1 and args.num_beams == 1 and not args.json else None
-    results = generate(model, tokenizer, prompts, seed=args.seed, adapter_ids=adapter_ids, stream=printer,
-                       compile=args.compile, **settings)
+    results = generate(model, tokenizer, prompts, options, adapter_ids=adapter_ids, stream=printer, compile=args.compile)
     for text, result in zip(texts, results):
         if args.json:
             print(json.dumps({"prompt": text, "completion": result.text, "tokens": result.tokens,

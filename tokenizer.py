@@ -41,7 +41,7 @@ class Tokenizer:
             raise UserError(f"{path} is not a readable tokenizer file ({e}): it is truncated or corrupt; "
                             "re-download it") from None
         config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        config = read_json(config_path) if os.path.isfile(config_path) else {}
+        config = read_config(config_path) if os.path.isfile(config_path) else {}
         special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
 
         def token_id(name, default):
@@ -132,7 +132,7 @@ class Tokenizer:
         raise UserError("this tokenizer has no chat format: it belongs to a base model, give it plain text")
 
 
-def read_json(path: str) -> dict:
+def read_config(path: str) -> dict:
     """A config file (tokenizer_config.json, params.json, config.json), which must hold one JSON object."""
     try:
         with open(path, encoding="utf-8") as f:

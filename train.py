@@ -33,7 +33,7 @@ from baselines import RankAllocator
 from data import TASKS, atomic_write, load_split, metric_for, prepare_task, resolve_task
 from errors import UserError
 from generate import generate, peak_memory
-from model import DTYPES, load, pick_device, torch_load
+from loaders import DTYPES, load, pick_device, torch_load
 
 METHODS = ("para", "ia3", "lora", "adalora", "houlsby", "none")
 RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json")  # what a run writes
@@ -239,7 +239,8 @@ def answer_loss(model, tokens, targets, prompt_len):
     """Summed cross-entropy of the target tokens of a collated batch, with logits at those positions only
     (model.forward's logits_at): the same loss as loss_sum over every position's logits, for less compute."""
     at = targets != -100  # (B, T)
-    return loss_sum(model(tokens, prompt_len=prompt_len, logits_at=at), targets[at])  # (N, vocab), (N,)
+    logits = model(tokens, logits_at=at, **adapters.block_args(model, prompt_len=prompt_len))  # (N, vocab)
+    return loss_sum(logits, targets[at])
 
 
 def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=nullcontext()):

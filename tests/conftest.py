@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 def smollm():
     """(model, tokenizer) of the small default model in fp32, loaded once; skipped when not installed."""
     from errors import UserError
-    from model import default_model_path, load
+    from loaders import default_model_path, load
 
     try:
         default_model_path()

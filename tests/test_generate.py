@@ -8,7 +8,7 @@ import torch
 import generate
 import adapters
 from generate import KVCache, Generation, Printer, decode_step, prefill
-from model import load
+from loaders import load
 from tiny_llama import WIDE
 
 VOCAB = 96  # "<unk>", "<s>", "</s>" and 93 words

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from errors import UserError
-from model import default_model_path, load, torch_load
+from loaders import default_model_path, load, torch_load
 from tiny_llama import (FFN_MULTIPLIER, GQA, MHA, SP_VOCAB, hf_config, hf_twin, random_hf_model, random_model,
                         train_sentencepiece, write_meta_checkpoint, WIDE)
 

@@ -9,7 +9,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from errors import UserError
 from generate import KVCache
-from model import ModelArgs, RMSNorm, apply_rope, hf_to_meta_rope, rope_table
+from loaders import hf_to_meta_rope
+from model import ModelArgs, RMSNorm, apply_rope, rope_table
 from tiny_llama import CONFIGS, GQA, MHA, WIDE, hf_twin, meta_ffn_hidden_dim, meta_to_hf_rope, random_model, wide_model
 
 VOCAB = 256

@@ -19,6 +19,11 @@ PROMPTS = [[5, 9, 2, 7, 1, 3], [3, 8], [11, 4, 6, 60]]  # unequal lengths: batch
 TOKENS = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
 
 
+def forward(model, tokens, prompt_len):
+    """The logits of any model, base or adapted, for right-padded rows whose prompts end at prompt_len (B,)."""
+    return model(tokens, **adapters.block_args(model, prompt_len=prompt_len))
+
+
 def count_vector_generator_calls(model):
     calls = []
     for block in model.layers:
@@ -55,7 +60,7 @@ def greedy_recompute(model, prompt, max_new_tokens):
     """The reference: no cache, the whole sequence at every step; the VG reads the prompt's last token."""
     seq, steps = list(prompt), []
     for _ in range(max_new_tokens):
-        steps.append(model(torch.tensor([seq]), prompt_len=torch.tensor([len(prompt)]))[0, -1])
+        steps.append(forward(model, torch.tensor([seq]), prompt_len=torch.tensor([len(prompt)]))[0, -1])
         seq.append(int(steps[-1].argmax()))
     return seq[len(prompt):], torch.stack(steps)
 
@@ -89,7 +94,7 @@ def test_fresh_adapter_leaves_logits_bit_identical(method):
         expected = model(tokens)
         fresh(method, model)
         # 0 ULP: the vectors are exactly 1 (PARA, (IA)^3), B = 0 (LoRA), E = 0 (AdaLoRA), up = 0 (Houlsby)
-        assert torch.equal(model(tokens, prompt_len=torch.tensor([3, 5])), expected)
+        assert torch.equal(forward(model, tokens, prompt_len=torch.tensor([3, 5])), expected)
 
 
 def test_fresh_para_leaves_smollm2_logits_bit_identical(smollm):
@@ -135,7 +140,7 @@ def test_adapter_over_a_bf16_model_is_fp32_exact_at_init_and_keeps_bf16_activati
 def test_in_bf16_training_one_optimizer_step_at_the_papers_learning_rate_changes_the_loss(method):
     # bf16 weights under bf16 autocast, as train.py runs them. bf16 resolves steps of 2^-8 near 1: a vector
     # 1 + 1e-4 cast to bf16 would be exactly 1, and the adapter would change nothing until it drifted past 0.004.
-    # The adapters act in fp32 and hand on fp32 results (para.cast_back), so one step already shows.
+    # The adapters act in fp32 and hand on fp32 results (para.scale, baselines.cast_back), so one step already shows.
     model = fresh(method, wide_model().to(torch.bfloat16)).train()
     adapters.mark_only_adapter_as_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -143,7 +148,7 @@ def test_in_bf16_training_one_optimizer_step_at_the_papers_learning_rate_changes
 
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(TOKENS[:, :-1], prompt_len=prompt_len)
+            logits = forward(model, TOKENS[:, :-1], prompt_len=prompt_len)
         return F.cross_entropy(logits.flatten(0, 1), TOKENS[:, 1:].flatten())
 
     before = loss()
@@ -270,7 +275,7 @@ def train_steps(model, steps=3):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # every parameter: only grads decide
     tokens = torch.tensor([[5, 9, 2, 7, 1, 3], [3, 8, 4, 4, 2, 1]])
     for _ in range(steps):
-        logits = model(tokens[:, :-1], prompt_len=torch.tensor([3, 2]))
+        logits = forward(model, tokens[:, :-1], prompt_len=torch.tensor([3, 2]))
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()

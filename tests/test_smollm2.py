@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model import default_model_path
+from loaders import default_model_path
 from tiny_llama import meta_to_hf_state_dict
 
 TEXTS = [

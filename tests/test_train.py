@@ -21,7 +21,8 @@ import adapters
 import train
 from conftest import ASSETS
 from errors import UserError
-from model import ModelArgs, Transformer, load
+from loaders import load
+from model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS, ANIMALS = ["red", "blue", "green", "gold"], ["cat", "dog", "fox", "owl"]
@@ -466,7 +467,7 @@ def test_the_command_line_writes_the_adapter_log_and_results_on_a_tiny_model(tin
 @pytest.mark.skipif(not (ASSETS / "copa" / "train.jsonl").exists(), reason="shared COPA files not present")
 def test_the_command_line_trains_para_on_copa_with_the_small_default_model(tmp_path):
     from data.copa.prepare import prepare
-    from model import default_model_path
+    from loaders import default_model_path
 
     try:
         default_model_path()
