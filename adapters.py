@@ -30,6 +30,7 @@ from model import ModelArgs, Transformer, TransformerBlock
 WHOLE, NUMBER, NAMES = (int,), (int, float), (list, tuple)
 TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of matrix names"}
 PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
+PAPER_LR = 1e-4  # the paper's learning rate, for every method (section 4.3)
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,16 @@ class Method:
     symbol: str = "r"  # how a table writes that size
     default_size: int = 0  # train.py's size when --r is not given; 0: PARA's parameter count at PARA_R
     matched: bool = False  # bench.py and study.py size it to PARA's parameter count at PARA_R
-    lr: float = 1e-4  # the learning rate when none is given: the paper's, for every method (section 4.3)
+    lr: float = PAPER_LR  # its learning rate when none is given
     reads_prompt: bool = False  # its blocks take each row's prompt_len and a store of vectors (block_args)
     prunes: bool = False  # train.py runs AdaLoRA's RankAllocator on it
 
 
+PARA, IA3 = "para", "ia3"  # the two methods other files name: the subject, and its cost and static reference
 LORA_FLAGS = {"r": "r", "lora_alpha": "alpha", "lora_targets": "targets"}
 METHODS = {
-    "para": Method("PARA", para.add_para, {"r": WHOLE}, {"r": "r"}, "r", default_size=PARA_R, reads_prompt=True),
-    "ia3": Method("(IA)^3", baselines.add_ia3, {"targets": NAMES}, {"ia3_targets": "targets"}),
+    PARA: Method("PARA", para.add_para, {"r": WHOLE}, {"r": "r"}, "r", default_size=PARA_R, reads_prompt=True),
+    IA3: Method("(IA)^3", baselines.add_ia3, {"targets": NAMES}, {"ia3_targets": "targets"}),
     "lora": Method("LoRA", baselines.add_lora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES}, LORA_FLAGS, "r",
                    default_size=12, matched=True),
     "adalora": Method("AdaLoRA", baselines.add_adalora, {"r": WHOLE, "alpha": NUMBER, "targets": NAMES},
@@ -60,8 +62,9 @@ METHODS = {
     "houlsby": Method("Houlsby", baselines.add_houlsby, {"size": WHOLE}, {"r": "size"}, "size", "m", matched=True),
 }
 NONE = "none"  # train.py --method none: the base model alone (zero-shot)
-# PARA's "static twin": (IA)^3 on exactly the projections PARA scales, learned but the same for every prompt
-VARIANTS = {"static twin": ("ia3", {"targets": list(para.SCALED)})}
+# Named variants, key -> (label, method, settings). PARA's "static twin" is (IA)^3 on exactly the projections PARA
+# scales: vectors learned, but the same for every prompt; PARA minus its twin is what prompt-awareness adds.
+VARIANTS = {"twin": ("static twin", IA3, {"targets": list(para.SCALED)})}
 
 
 def label(method: str, settings: dict) -> str:
@@ -342,5 +345,6 @@ if __name__ == "__main__":
                                        multiple_of=4096),
               "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)}
     for name, args in models.items():
-        rows = {label(m, compared_size(args, m)): (m, compared_size(args, m)) for m in METHODS} | VARIANTS
-        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, **s):,}" for row, (m, s) in rows.items()))
+        rows = [(label(m, compared_size(args, m)), m, compared_size(args, m)) for m in METHODS] + [*VARIANTS.values()]
+        rows.insert(2, ("LoRA r=8 (PEFT's default)", "lora", {"r": 8}))
+        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, **s):,}" for row, m, s in rows))

@@ -66,7 +66,6 @@ import torch.nn.functional as F
 import adapters
 import baselines
 import generate
-from adapters import PARA_R
 from errors import UserError
 from loaders import DTYPES, default_model_path, load, pick_device
 from model import ModelArgs, Transformer
@@ -239,11 +238,15 @@ def median_interval(values, confidence=0.95):
 
 
 def methods(args):
-    """name -> (method, settings) of each row: the base model, PARA, and the baselines, LoRA and the Houlsby
-    adapter count-matched to PARA, AdaLoRA at PEFT's initial rank (unmerged, like LoRA)."""
-    return {"base": (None, {}), f"PARA r={PARA_R}": ("para", {"r": PARA_R}), "(IA)^3": ("ia3", {}),
-            f"LoRA r={args.lora_r}": ("lora", {"r": args.lora_r}), "AdaLoRA r=12": ("adalora", {"r": 12}),
-            f"Houlsby m={args.houlsby}": ("houlsby", {"size": args.houlsby})}
+    """name -> (method, settings) of each row: the base model, then every method of the registry at the size it is
+    compared at (adapters.compared_size: LoRA and the Houlsby adapter count-matched to PARA, AdaLoRA at PEFT's
+    initial rank, unmerged like LoRA)."""
+    return {"base": (None, {})} | {adapters.label(m, s): (m, s) for m, s in args.sizes.items()}
+
+
+def para_row(args):
+    """The name of PARA's row."""
+    return adapters.label(adapters.PARA, args.sizes[adapters.PARA])
 
 
 def table4(base, tokenizer, args, device):
@@ -256,13 +259,13 @@ def table4(base, tokenizer, args, device):
     warm_up(jobs)
     memory = {key: peak_mib(models[key[0]], job, device) for key, job in jobs.items()}
     results = interleaved(jobs, args.runs)
-    para = f"PARA r={PARA_R}"
+    para = para_row(args)
     rows = []
     for name, beams in jobs:
         runs, ref, ours = results[name, beams], results["base", beams], results[para, beams]
         tensors = adapters.adapter_state_dict(models[name]).values()
         rows.append({
-            "section": "table4", "method": name, "adapter params": sum(t.numel() for t in tensors), "beams": beams,
+            "section": "table4", "method": name, "key": methods(args)[name][0], "adapter params": sum(t.numel() for t in tensors), "beams": beams,
             "tokens/s": rate(runs, args.new_tokens, 1), "/ base": speedup(runs, ref), "PARA / it": speedup(ours, runs),
             "95% CI": {"/ base": median_interval(ratios(runs, ref)), "PARA / it": median_interval(ratios(ours, runs))},
             "decode tok/s": rate(runs, args.new_tokens - 1, 2), "decode / base": speedup(runs, ref, 2),
@@ -284,12 +287,12 @@ def multi_tenant(base, tokenizer, args, device):
             for key in models}
     warm_up(jobs)
     results = interleaved(jobs, args.runs)
-    n_tokens, para = args.batch * args.new_tokens, f"PARA r={PARA_R}"
+    n_tokens, para = args.batch * args.new_tokens, para_row(args)
     rows = []
     for (name, n), runs in results.items():
         one, ours = results[name, 1], results[para, n if name != "base" else 1]
         rows.append({
-            "section": "multitenant", "method": name, "adapters": n if name != "base" else 0, "batch": args.batch,
+            "section": "multitenant", "method": name, "key": methods(args)[name][0], "adapters": n if name != "base" else 0, "batch": args.batch,
             "tokens/s": rate(runs, n_tokens, 1), "/ base": speedup(runs, results["base", 1]),
             "/ one adapter": speedup(runs, one), "PARA / it": speedup(ours, runs),
             "decode tok/s": rate(runs, args.batch * (args.new_tokens - 1), 2), "decode / one adapter": speedup(runs, one, 2),
@@ -424,17 +427,20 @@ def training(base, tokenizer, args, device, dtype, path):
             return None, time.perf_counter() - start
         return step
 
+    # PEFT's own implementation of a method, where PEFT has one (its defaults: LoRA on q, v; (IA)^3 on k, v, down)
+    peft = {baselines.add_lora: lambda s: LoraConfig(r=s["r"], lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            baselines.add_ia3: lambda s: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"])}
     ours, theirs = {}, {}
     for name, (method, settings) in methods(args).items():
-        if method in ("para", "ia3", "lora"):
+        config = method and peft.get(adapters.METHODS[method].add)
+        if config or method == adapters.PARA:
             model = with_adapter(base, method, settings, 1, False, seed=3).train()
             adapters.mark_only_adapter_as_trainable(model)
             ours[name] = step_of(model, lambda model: train.answer_loss(model, tokens, targets, prompt_len))
-    peft = {f"LoRA r={args.lora_r}": LoraConfig(r=args.lora_r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-            "(IA)^3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
-    for name, config in peft.items():
-        model = get_peft_model(load_hf(path, device, dtype), config).train()
-        theirs[name] = step_of(model, lambda model: train.loss_sum(model(input_ids=tokens).logits.float(), targets))
+        if config:
+            model = get_peft_model(load_hf(path, device, dtype), config(settings)).train()
+            theirs[name] = step_of(model, lambda model: train.loss_sum(model(input_ids=tokens).logits.float(), targets))
     jobs = {("ours", n): job for n, job in ours.items()} | {("HF+PEFT", n): job for n, job in theirs.items()}
     warm_up(jobs)
     results = interleaved(jobs, args.runs)
@@ -468,27 +474,27 @@ def claims(rows):
         return next(r for r in rows if r["section"] == section and all(r.get(k) == v for k, v in where.items()))
 
     out = []  # (claim, row, key of the ratio, comparison, target)
-    para = f"PARA r={PARA_R}"
     # PARA costs one elementwise multiply per scaled projection: as little as (IA)^3 (within 2%), less than an
     # unmerged low-rank product (LoRA, AdaLoRA) or a bottleneck (Houlsby)
-    target = lambda method: (">=", 0.97) if method == "base" else (">=", 0.98) if method == "(IA)^3" else (">", 1.0)
+    target = lambda r: (">=", 0.97) if r["key"] is None else (">=", 0.98) if r["key"] == adapters.IA3 else (">", 1.0)
+    para = adapters.PARA
     if any(r["section"] == "table4" for r in rows):
         for beams in (1, 3):
-            for r in [r for r in rows if r["section"] == "table4" and r["beams"] == beams and r["method"] != para]:
-                if r["method"] == "base":
-                    out.append((f"PARA / base tokens/s, beam {beams}", find("table4", method=para, beams=beams),
-                                "/ base", *target("base")))
+            for r in [r for r in rows if r["section"] == "table4" and r["beams"] == beams and r["key"] != para]:
+                if r["key"] is None:
+                    out.append((f"PARA / base tokens/s, beam {beams}", find("table4", key=para, beams=beams),
+                                "/ base", *target(r)))
                 else:
-                    out.append((f"PARA / {r['method']} tokens/s, beam {beams}", r, "PARA / it", *target(r["method"])))
+                    out.append((f"PARA / {r['method']} tokens/s, beam {beams}", r, "PARA / it", *target(r)))
             # what PARA holds beyond its adapter: B x (d_q + d_kv + d_ffn) vectors per layer, a fraction of a MiB
-            p, base_peak = find("table4", method=para, beams=beams), find("table4", method="base", beams=beams)["peak MiB"]
+            p, base_peak = find("table4", key=para, beams=beams), find("table4", key=None, beams=beams)["peak MiB"]
             memory = {"above base": p["peak - base - adapter MiB"] / base_peak}
             out.append((f"PARA peak memory - base - adapter, / base, beam {beams}", memory, "above base", "<", 0.01))
     if any(r["section"] == "multitenant" for r in rows):
         n = max(r["adapters"] for r in rows if r["section"] == "multitenant")
-        for r in [r for r in rows if r["section"] == "multitenant" and r["adapters"] == n and r["method"] != para]:
-            out.append((f"PARA / {r['method']} tokens/s, {n} adapters in one batch", r, "PARA / it", *target(r["method"])))
-        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", find("multitenant", method=para, adapters=n),
+        for r in [r for r in rows if r["section"] == "multitenant" and r["adapters"] == n and r["key"] != para]:
+            out.append((f"PARA / {r['method']} tokens/s, {n} adapters in one batch", r, "PARA / it", *target(r)))
+        out.append((f"PARA {n} adapters / one adapter tokens/s, same batch", find("multitenant", key=para, adapters=n),
                     "/ one adapter", ">=", 0.95))
     for name in ("greedy", "beam 3"):  # ours stays ahead of HF; how close it gets to the machine: the ceiling
         if any(r.get("measurement") == name for r in rows):
@@ -520,7 +526,7 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def markdown(rows, hide=("section", "tokens", "seconds", "95% CI")):
+def markdown(rows, hide=("section", "key", "tokens", "seconds", "95% CI")):
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in hide]
     fmt = lambda v: (f"{v:.3f}" if isinstance(v, float) else "" if v is None else
                      " - ".join(map(fmt, v)) if isinstance(v, list) else str(v))
@@ -596,7 +602,6 @@ def parse_args(argv=None):
     p.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="prompts (and adapters) of the multi-tenant batch")
-    p.add_argument("--lora_r", type=int, help="LoRA's rank (default: PARA's parameter count at r = 12)")
     p.add_argument("--sections", default="table4,multitenant,hf,ceiling", help="comma-separated, from " +
                    ", ".join(TITLES))
     p.add_argument("--compile", action="store_true", help="decode with the compiled step in every section")
@@ -644,13 +649,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     base, tokenizer = load_model(path, device, dtype)
-    args.lora_r = args.lora_r or adapters.size_matching_para(base.args, "lora")
-    args.houlsby = adapters.size_matching_para(base.args, "houlsby")
+    args.sizes = {m: adapters.compared_size(base.args, m) for m in adapters.METHODS}  # method -> its settings
     rows, notes, loads = run_sections(base, tokenizer, args, device, dtype, path)
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
                "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "batch": args.batch, "para_r": PARA_R, "lora_r": args.lora_r,
-               "houlsby": args.houlsby, "lora_targets": ["wq", "wv"], "adapters": "init" if args.init else "random",
+               "new_tokens": args.new_tokens, "batch": args.batch, "sizes": args.sizes,
+               "adapters": "init" if args.init else "random",
                "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else

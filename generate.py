@@ -298,7 +298,8 @@ def sample_tokens(decode, logits, cache, o: Options, ends, generator=None, strea
 
 
 def beam_search(decode, logits, cache, o: Options, ends, T0):
-    """Beam search, one independent search per prompt, by HF Transformers' rules:
+    """Beam search, one independent search per prompt (decode(token, step) runs one decode step; the prompts end
+    at T0), by HF Transformers' rules:
 
     - Each step, every running beam is extended by every token, and the 2*num_beams best extensions of a prompt
       (by sum of log-probs) are its candidates. 2x, so that num_beams of them are left to run on even if
@@ -312,8 +313,6 @@ def beam_search(decode, logits, cache, o: Options, ends, T0):
       running beam could not beat the worst of them: sum / L ** length_penalty <= worst score, with L the current
       length (early_stopping False), or max_new_tokens when early_stopping is "never" and length_penalty > 0.
     - The answer is the best finished hypothesis.
-
-    decode(token, step) runs one decode step; T0 is the prompts' length, where the cache's new tokens begin.
     """
     V, nb = logits.shape[-1], o.num_beams
     assert V >= 2 * nb, "beam search needs a vocabulary of at least 2 * num_beams tokens"

@@ -54,21 +54,32 @@ def default_model_path() -> str:
     return path
 
 
+def readers(path: str):
+    """(config reader, whole reader) of the checkpoint format at path: a Meta folder, an HF folder or a .gguf file."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf_args, read_gguf
+    if os.path.isfile(os.path.join(path, "params.json")):
+        return meta_args, read_meta
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return hf_args, read_hf
+    raise UserError(
+        f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
+        "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
+    )
+
+
+def read_args(path: Optional[str] = None) -> ModelArgs:
+    """The model's shape from its config alone (params.json, config.json or a GGUF header): no weight is read.
+    vocab_size may be -1: the tokenizer's size, which load() fills in."""
+    path = path or default_model_path()
+    return readers(path)[0](path)[0]
+
+
 def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
     """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M).
     A missing, malformed or corrupt file raises UserError, before any model is built."""
     path = path or default_model_path()
-    if path.endswith(".gguf") and os.path.isfile(path):
-        args, state_dict, tokenizer = read_gguf(path)
-    elif os.path.isfile(os.path.join(path, "params.json")):
-        args, state_dict, tokenizer = read_meta(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        args, state_dict, tokenizer = read_hf(path)
-    else:
-        raise UserError(
-            f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
-            "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
-        )
+    args, state_dict, tokenizer = readers(path)[1](path)
     if args.vocab_size <= 0:
         args.vocab_size = tokenizer.n_words
     if max_seq_len is not None:
@@ -174,12 +185,17 @@ META_FIELDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "
 META_REQUIRED = ("dim", "n_layers", "n_heads")
 
 
-def read_meta(folder: str):
-    """params.json + consolidated.00.pth .. consolidated.NN.pth (merged) + tokenizer.model."""
+def meta_args(folder: str):
+    """(ModelArgs, params) from params.json."""
     params_path = os.path.join(folder, "params.json")
     params = read_config(params_path)
-    args = model_args(params_path, **{k: number(params, k, params_path, kind, REQUIRED if k in META_REQUIRED
-                                                else getattr(ModelArgs, k)) for k, kind in META_FIELDS.items()})
+    return model_args(params_path, **{k: number(params, k, params_path, kind, REQUIRED if k in META_REQUIRED
+                                                else getattr(ModelArgs, k)) for k, kind in META_FIELDS.items()}), params
+
+
+def read_meta(folder: str):
+    """params.json + consolidated.00.pth .. consolidated.NN.pth (merged) + tokenizer.model."""
+    args, _ = meta_args(folder)
     shard_files = {}  # model-parallel rank -> file
     for f in glob.glob(os.path.join(folder, "consolidated.*.pth")):
         rank = os.path.basename(f).removeprefix("consolidated.").removesuffix(".pth")
@@ -228,8 +244,8 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def read_hf(folder: str):
-    """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
+def hf_args(folder: str):
+    """(ModelArgs, config) from config.json."""
     path = os.path.join(folder, "config.json")
     cfg = read_config(path)
     rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
@@ -248,6 +264,13 @@ def read_hf(folder: str):
                       norm_eps=number(cfg, "rms_norm_eps", path, float),
                       rope_theta=number(rope, "rope_theta", path, float, number(cfg, "rope_theta", path, float, 10000.0)),
                       max_seq_len=number(cfg, "max_position_embeddings", path, default=4096))
+    return args, cfg
+
+
+def read_hf(folder: str):
+    """config.json + *.safetensors (or pytorch_model*.bin) + tokenizer.model or tokenizer.json."""
+    args, cfg = hf_args(folder)
+    n_heads, n_kv_heads, dim = args.n_heads, args.n_kv_heads, args.dim
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
         from safetensors import SafetensorError
@@ -299,10 +322,9 @@ GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output
 GGUF_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError)
 
 
-def read_gguf(path: str):
-    """A llama-architecture GGUF file, dequantized to fp32. llama.cpp already stores wq/wk in Meta's RoPE layout."""
+def gguf_args(path: str):
+    """(ModelArgs, (the header's fields, the reader)) from a GGUF file's header; its tensors are mapped, not read."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
         reader = GGUFReader(path)  # reads the header and maps every tensor: a cut file fails here
@@ -321,6 +343,14 @@ def read_gguf(path: str):
                       hidden_dim=get("llama.feed_forward_length"), vocab_size=get("llama.vocab_size", default=-1),
                       norm_eps=get("llama.attention.layer_norm_rms_epsilon", float),
                       rope_theta=get("llama.rope.freq_base", float, 10000.0), max_seq_len=get("llama.context_length"))
+    return args, (meta, reader)
+
+
+def read_gguf(path: str):
+    """A llama-architecture GGUF file, dequantized to fp32. llama.cpp already stores wq/wk in Meta's RoPE layout."""
+    from gguf.quants import dequantize
+
+    args, (meta, reader) = gguf_args(path)
     state_dict = {}
     for t in reader.tensors:
         parts = t.name.removesuffix(".weight").split(".")

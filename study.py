@@ -29,20 +29,36 @@ from pathlib import Path
 
 import numpy as np
 
+import adapters
 from data import exact_match_score, f1_score, load_split, resolve_task
+from loaders import read_args
 
-# name -> (folder name, train.py flags); LoRA's rank and the Houlsby bottleneck match PARA's parameter count on
-# SmolLM2-135M; the static twin is (IA)^3 on exactly PARA's projections: PARA minus its prompt-awareness
-METHODS = {
-    "zero-shot": ("zero-shot", ["--method", "none"]),
-    "PARA r=12": ("para", ["--method", "para", "--r", "12"]),
-    "LoRA r=19": ("lora", ["--method", "lora", "--r", "19"]),
-    "AdaLoRA 12->8": ("adalora", ["--method", "adalora", "--r", "12"]),
-    "Houlsby m=15": ("houlsby", ["--method", "houlsby", "--r", "15"]),
-    "(IA)^3": ("ia3", ["--method", "ia3"]),
-    "static twin": ("twin", ["--method", "ia3", "--ia3_targets", "wq,wv,w3"]),
-}
-PARA = "PARA r=12"
+ZERO_SHOT = "zero-shot"
+
+
+def study_rows(ckpt_dir):
+    """name -> (folder name, train.py flags) of every row: the base model zero-shot, every method of the registry at
+    the size it is compared at on this model (adapters.compared_size: LoRA's rank and the Houlsby bottleneck match
+    PARA's parameter count; "LoRA r=19" and "Houlsby m=15" on SmolLM2-135M), and the variants (the static twin,
+    (IA)^3 on exactly PARA's projections: PARA minus its prompt-awareness)."""
+    shape = read_args(ckpt_dir)  # the config alone
+    rows = {ZERO_SHOT: (ZERO_SHOT, ["--method", adapters.NONE])}
+    for method in adapters.METHODS:
+        settings = adapters.compared_size(shape, method)
+        rows[adapters.label(method, settings)] = (method, train_flags(method, settings))
+    for folder, (name, method, settings) in adapters.VARIANTS.items():
+        rows[name] = (folder, train_flags(method, settings))
+    return rows
+
+
+def train_flags(method, settings):
+    """The train.py flags that attach `method` with `settings` (each setting through the flag that gives it)."""
+    flags = ["--method", method]
+    for flag, setting in adapters.METHODS[method].flags.items():
+        if setting in settings:
+            value = settings[setting]
+            flags += [f"--{flag}", ",".join(value) if isinstance(value, list) else str(value)]
+    return flags
 
 
 def parse_args(argv=None):
@@ -50,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default="squad-small", help="a task with SQuAD answers (squad-small, squad)")
     p.add_argument("--ckpt_dir", help="the base model (default: the small SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="out/study", help="one folder per run below this one")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", help="comma-separated rows (default: all): zero-shot, every method at PARA's "
+                   "count (\"PARA r=12\", \"LoRA r=19\", ... on SmolLM2), \"static twin\"")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1 (half decades)")
     p.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
                    help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
@@ -64,26 +81,29 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
+    args.rows = study_rows(args.ckpt_dir)
+    args.para = next(name for name, (folder, _) in args.rows.items() if folder == adapters.PARA)  # "PARA r=12"
+    args.methods = args.methods or ",".join(args.rows)
     for flag in ("methods", "more_seeds"):  # comma-separated names -> a list of known names
         setattr(args, flag, [n for n in getattr(args, flag).split(",") if n])
-        unknown = [n for n in getattr(args, flag) if n not in METHODS]
+        unknown = [n for n in getattr(args, flag) if n not in args.rows]
         if unknown:
-            p.error(f"--{flag}: unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+            p.error(f"--{flag}: unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(args.rows)}")
     return args
 
 
 def run_dir(args, name, lr, seed):
-    folder = METHODS[name][0]
-    return Path(args.out) / (folder if name == "zero-shot" else f"{folder}-lr{lr}-seed{seed}")
+    folder = args.rows[name][0]
+    return Path(args.out) / (folder if name == ZERO_SHOT else f"{folder}-lr{lr}-seed{seed}")
 
 
 def command(args, name, lr, seed, eval_splits):
     """The train.py command of one run."""
     cmd = [sys.executable, "train.py", "--task", args.task, "--out_dir", str(run_dir(args, name, lr, seed)),
            "--seed", str(seed), "--limit_train", str(args.train_examples), "--epochs", str(args.epochs),
-           "--eval_interval", str(args.eval_interval), "--eval_splits", eval_splits, "--resume", *METHODS[name][1],
+           "--eval_interval", str(args.eval_interval), "--eval_splits", eval_splits, "--resume", *args.rows[name][1],
            *args.extra.split()]
-    if name != "zero-shot":
+    if name != ZERO_SHOT:
         cmd += ["--lr", lr]
     return cmd + (["--ckpt_dir", args.ckpt_dir] if args.ckpt_dir else [])
 
@@ -160,13 +180,13 @@ def main(argv=None):
     args = parse_args(argv)
     chosen = {}  # name -> (lr, [seeds])
     for name in args.methods:
-        lr = "-" if name == "zero-shot" else best_lr(args, name)
+        lr = "-" if name == ZERO_SHOT else best_lr(args, name)
         chosen[name] = (lr, [1]) if lr and scored(run(args, name, lr, 1, args.eval_splits)) else None
     # more seeds for PARA and the strongest other method (the lowest dev loss at its chosen rate)
     dev_loss = {n: results(args, n, c[0], 1)["best_dev_loss"] for n, c in chosen.items()
-                if c and n not in ("zero-shot", PARA)}
+                if c and n not in (ZERO_SHOT, args.para)}
     strongest = min(dev_loss, key=dev_loss.get) if dev_loss else None
-    for name in dict.fromkeys([PARA, strongest, *args.more_seeds]):
+    for name in dict.fromkeys([args.para, strongest, *args.more_seeds]):
         if name in chosen and chosen[name]:
             lr = chosen[name][0]
             seeds = [int(s) for s in args.seeds.split(",")]
@@ -181,7 +201,7 @@ def scored(result):
 
 
 def report(args, chosen, strongest):
-    """The markdown table (out/study.md) and the loss curves (out/study.png)."""
+    """The markdown table (study.md in --out) and the loss curves (study.png in --out)."""
     test = load_split(resolve_task(args.task), "test")
     answers = {r["id"]: r["answers"] for r in test}
     rows, scores = [], {}
@@ -205,11 +225,11 @@ def report(args, chosen, strongest):
         rows.append(row)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
-    if PARA in scores:
+    if args.para in scores:
         lines += ["", "| PARA minus | test F1 (95% paired CI) | test EM | test f1-em |", "|---|---|---|---|"]
         for name in scores:
-            if name != PARA:
-                diffs = {m: scores[PARA][m] - scores[name][m] for m in ("f1", "em", "f1-em")}
+            if name != args.para:
+                diffs = {m: scores[args.para][m] - scores[name][m] for m in ("f1", "em", "f1-em")}
                 lines.append(f"| {name} | " + " | ".join(fmt(d.mean(), bootstrap(d, args.bootstrap)) for d in diffs.values())
                              + " |")
     table = "\n".join(lines)
@@ -233,7 +253,7 @@ def plot(args, chosen, path):
         return
     fig, (ax_train, ax_dev, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), dpi=100, sharey=True)
     for name, (lr, _) in chosen.items():
-        if name == "zero-shot":
+        if name == ZERO_SHOT:
             continue
         log = [json.loads(line) for line in (run_dir(args, name, lr, 1) / "log.jsonl").read_text().splitlines()]
         steps = [r for r in log if "loss" in r]

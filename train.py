@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,6 @@ from errors import UserError
 from generate import generate, peak_memory
 from loaders import DTYPES, load, pick_device, torch_load
 
-METHODS = ("para", "ia3", "lora", "adalora", "houlsby", "none")
 RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json")  # what a run writes
 
 
@@ -62,7 +62,7 @@ def parser():
     arg("--out_dir", help="where the adapter, log and results go (default: out/<task>-<method>)")
     adapter_flags(arg)
     # the paper's optimisation recipe (section 4.3); the rest are HF Trainer's defaults, as the paper says
-    arg("--lr", type=float, default=1e-4)
+    arg("--lr", type=float, help="the peak learning rate (default: the method's, the paper's 1e-4 for each)")
     arg("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay; 0 as in HF's Trainer")
     arg("--warmup_ratio", type=float, default=0.06, help="linear warmup over this share of the steps, then decay to 0")
     arg("--grad_clip", type=float, default=1.0, help="clip the gradient norm (HF's Trainer default); 0 turns it off")
@@ -101,8 +101,9 @@ def parser():
 
 
 def adapter_flags(arg):
-    """The method and its own settings (each method reads only its own: METHOD_FLAGS)."""
-    arg("--method", default="para", choices=METHODS, help="none: no adapter, evaluate the base model")
+    """The method and its own settings (each method reads only its own: adapters.METHODS[...].flags)."""
+    arg("--method", default=adapters.PARA, choices=[*adapters.METHODS, adapters.NONE],
+        help=f"{adapters.NONE}: no adapter, evaluate the base model")
     arg("--r", "--adapter_rank", type=int, help="PARA's bottleneck (default 12), LoRA's rank (12), AdaLoRA's "
         "initial rank (12) or the Houlsby bottleneck (default: PARA's parameter count at r = 12). Under torchrun "
         "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
@@ -135,13 +136,13 @@ def check_args(args):
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}" + (" (0 means: the default)" * (low == 0)))
-    finite = {"--lr": args.lr, "--weight_decay": args.weight_decay, "--warmup_ratio": args.warmup_ratio,
+    finite = {"--lr": lr_of(args), "--weight_decay": args.weight_decay, "--warmup_ratio": args.warmup_ratio,
               "--grad_clip": args.grad_clip, "--ckpt_minutes": args.ckpt_minutes, "--lora_alpha": args.lora_alpha,
               "--adalora_orth_reg_weight": args.adalora_orth_reg_weight}
     for flag, value in finite.items():
         if not math.isfinite(value) or value < 0:
             raise UserError(f"{flag} must be a number >= 0, got {value}")
-    if args.lr == 0 and args.method != "none":
+    if lr_of(args) == 0 and args.method != adapters.NONE:
         raise UserError("--lr 0 trains nothing: give a learning rate > 0 (or --method none to evaluate the base model)")
     if args.warmup_ratio >= 1:
         raise UserError(f"--warmup_ratio must be below 1 (a share of the steps), got {args.warmup_ratio}")
@@ -349,7 +350,7 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
 
     torch.manual_seed(seed)  # the adapter's initialisation
     model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
-    # bf16 weights compute under bf16 autocast; the adapter stays fp32 (adapters.py says why)
+    # bf16 weights compute under bf16 autocast; the adapter stays fp32 (para.scale says why)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if model.output.weight.dtype == torch.bfloat16 \
         else nullcontext()
     splits, train, dev, n_truncated = load_data(args, folder, tokenizer, model, where)
@@ -357,17 +358,17 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     params, allocator = attach_adapter(args, model, total_steps)
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
     n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
     if where.master:
         print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / n_total:.3f}% of "
               f"{n_total:,}); {len(train)} train examples, batch {batch_size}, {steps_per_epoch} steps/epoch, at "
               f"most {total_steps} steps")
-
-    run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings)
-    run.restore(ckpt, seed)
-    run.train(train, dev, seed, batch_size, steps_per_epoch, total_steps)
-    results = {"dev": None, "test": None} | finished | run.evaluate(splits, train, dev, folder, to_score)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr_of(args), weight_decay=args.weight_decay) if params else None
+    run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings,
+              RunState(done=args.method == adapters.NONE), {n: p.detach().clone() for n, p in params.items()})
+    restore(run, ckpt)
+    train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps)
+    results = {"dev": None, "test": None} | finished | evaluate(run, splits, train, dev, folder, to_score)
     results |= {"eval_splits": [s for s in ("dev", "test") if s in finished.get("eval_splits", []) + to_score],
                 "trainable_parameters": n_trainable, "steps": run.state.step,
                 "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
@@ -381,18 +382,23 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     return results
 
 
-METHOD_FLAGS = {"para": ("r",), "ia3": ("ia3_targets",), "lora": ("r", "lora_alpha", "lora_targets"),
-                "adalora": ("r", "lora_alpha", "lora_targets", "adalora_target_r", "adalora_tinit", "adalora_tfinal",
-                            "adalora_deltaT", "adalora_beta", "adalora_orth_reg_weight"), "houlsby": ("r",), "none": ()}
+def method_of(args):
+    """The registry's entry of --method (None for --method none)."""
+    return adapters.METHODS.get(args.method)
+
+
+def lr_of(args):
+    """--lr, or the method's default learning rate (the paper's 1e-4)."""
+    return args.lr if args.lr is not None else method_of(args).lr if method_of(args) else adapters.PAPER_LR
 
 
 def run_settings(args, seed, where):
     """The flags that shape the training run (the method's own, and the recipe's): --resume refuses a checkpoint
     made with others."""
-    names = ("task", "ckpt_dir", "method", *METHOD_FLAGS[args.method], "lr", "weight_decay", "warmup_ratio",
-             "grad_clip", "epochs", "max_steps", "batch_size", "max_seq_len", "limit_train", "eval_interval",
-             "patience", "dtype")
-    return {k: getattr(args, k) for k in names} | {"seed": seed, "world_size": where.world}
+    names = ("task", "ckpt_dir", "method", *(method_of(args).flags if method_of(args) else ()), "weight_decay",
+             "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_seq_len", "limit_train",
+             "eval_interval", "patience", "dtype")
+    return {k: getattr(args, k) for k in names} | {"lr": lr_of(args), "seed": seed, "world_size": where.world}
 
 
 def claim_out_dir(args, out_dir, settings, where):
@@ -418,7 +424,7 @@ def claim_out_dir(args, out_dir, settings, where):
             for stale in out_dir.glob(f".{name}.*.tmp"):
                 stale.unlink()
         if ckpt is None and not (args.resume and (out_dir / "results.json").exists()):
-            if args.resume and args.method != "none" and present:
+            if args.resume and args.method != adapters.NONE and present:
                 print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
             for name in RUN_FILES:  # a fresh start: what an earlier run wrote here would mix with this run's files
                 (out_dir / name).unlink(missing_ok=True)
@@ -433,11 +439,11 @@ def load_data(args, folder, tokenizer, model, where):
         splits["train"] = splits["train"][:args.limit_train]
     if args.limit_eval:
         splits["dev"], splits["test"] = splits["dev"][:args.limit_eval], splits["test"][:args.limit_eval]
-    if args.method != "none" and not splits["train"]:
+    if args.method != adapters.NONE and not splits["train"]:
         raise UserError(f"{folder}/train.jsonl is empty, there is nothing to train on (was the task prepared with "
                         "--allow_missing_train?). Give the official training file with --src, or evaluate the base "
                         "model with --method none")
-    if args.method != "none" and not splits["dev"]:
+    if args.method != adapters.NONE and not splits["dev"]:
         raise UserError(f"{folder}/dev.jsonl is empty: training keeps the adapter with the lowest dev loss, so it "
                         "needs dev examples")
     max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
@@ -453,232 +459,265 @@ def attach_adapter(args, model, total_steps):
     """The method's adapter on the frozen model: its trainable parameters, and AdaLoRA's rank allocator."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if args.method == "none":
+    method = method_of(args)
+    if method is None:
         return {}, None
-    split = lambda targets: targets.split(",")
-    settings = {"para": dict(r=args.r or 12), "ia3": dict(targets=split(args.ia3_targets)),
-                "lora": dict(r=args.r or 12, alpha=args.lora_alpha, targets=split(args.lora_targets)),
-                "adalora": dict(r=args.r or 12, alpha=args.lora_alpha, targets=split(args.lora_targets)),
-                "houlsby": dict(size=args.r or adapters.size_matching_para(model.args, "houlsby"))}[args.method]
+    settings = {}
+    for flag, setting in method.flags.items():  # the method's settings, from its flags or its defaults
+        value = getattr(args, flag)
+        if setting == "targets":
+            settings[setting] = value.split(",")
+        elif setting == method.size:
+            settings[setting] = value or method.default_size or adapters.size_matching_para(model.args, args.method)
+        elif setting is not None:
+            settings[setting] = value
     adapters.add_adapter(model, args.method, **settings)
     adapters.mark_only_adapter_as_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
-    allocator = None
-    if args.method == "adalora":
-        tinit = round(0.1 * total_steps) if args.adalora_tinit is None else args.adalora_tinit
-        tfinal = round(0.3 * total_steps) if args.adalora_tfinal is None else args.adalora_tfinal
-        if tinit + tfinal >= total_steps:
-            raise UserError(f"AdaLoRA needs steps to prune in: --adalora_tinit {tinit} + --adalora_tfinal {tfinal} "
-                            f"must be fewer than the run's {total_steps} steps")
-        if args.adalora_target_r >= settings["r"]:
-            raise UserError(f"--adalora_target_r {args.adalora_target_r} must be below the initial rank --r "
-                            f"{settings['r']}: AdaLoRA prunes from one to the other")
-        allocator = RankAllocator(model, total_steps, args.adalora_target_r, tinit, tfinal, args.adalora_deltaT,
-                                  args.adalora_beta, args.adalora_beta)
+    if not method.prunes:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}, None
+    tinit = round(0.1 * total_steps) if args.adalora_tinit is None else args.adalora_tinit
+    tfinal = round(0.3 * total_steps) if args.adalora_tfinal is None else args.adalora_tfinal
+    if tinit + tfinal >= total_steps:
+        raise UserError(f"AdaLoRA needs steps to prune in: --adalora_tinit {tinit} + --adalora_tfinal {tfinal} "
+                        f"must be fewer than the run's {total_steps} steps")
+    if args.adalora_target_r >= settings["r"]:
+        raise UserError(f"--adalora_target_r {args.adalora_target_r} must be below the initial rank --r "
+                        f"{settings['r']}: AdaLoRA prunes from one to the other")
+    allocator = RankAllocator(model, total_steps, args.adalora_target_r, tinit, tfinal, args.adalora_deltaT,
+                              args.adalora_beta, args.adalora_beta)
     return {n: p for n, p in model.named_parameters() if p.requires_grad}, allocator
 
 
+@dataclass
 class Run:
-    """The training loop and the evaluation of one run, and the state they share."""
+    """What the training loop and the evaluation of one run share."""
+    args: argparse.Namespace
+    out_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    params: dict  # the adapter's trainable tensors by name
+    optimizer: Optional[torch.optim.Optimizer]
+    allocator: Optional[RankAllocator]  # AdaLoRA's
+    autocast: object  # bf16 autocast for bf16 weights, else a no-op
+    device: torch.device
+    where: "Dist"
+    settings: dict  # run_settings: what --resume must find unchanged
+    state: RunState
+    best: dict  # the adapter best on dev so far, on every process
+    log: Optional[object] = None  # log.jsonl, open for appending, on rank 0
 
-    def __init__(self, args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where,
-                 settings):
-        self.args, self.out_dir, self.model, self.tokenizer = args, out_dir, model, tokenizer
-        self.params, self.optimizer, self.allocator, self.autocast = params, optimizer, allocator, autocast
-        self.device, self.where, self.settings = device, where, settings
-        self.state = RunState(done=args.method == "none")
-        self.best = {n: p.detach().clone() for n, p in params.items()}  # the adapter best on dev, on every process
-        self.log = None
 
-    def restore(self, ckpt, seed):
-        """The adapter, AdamW's moments, the allocator and the run state, as they were when ckpt.pt was written."""
-        if ckpt is not None:
-            for n, p in self.params.items():
-                p.data.copy_(ckpt["adapter"][n])
-                self.best[n].copy_(ckpt["best_adapter"][n])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.allocator:
-                self.allocator.load_state_dict(ckpt["allocator"])
-            self.state = RunState(**ckpt["state"])
-            if self.where.master and (self.out_dir / "log.jsonl").exists():
-                with open(self.out_dir / "log.jsonl", "r+b") as f:
-                    f.truncate(ckpt["log_bytes"])  # lines written after the checkpoint will be written again
-                print(f"resumed {self.out_dir} at step {self.state.step}" + " (training finished)" * self.state.done)
-        if self.where.world > 1:  # every process starts from rank 0's adapter (the same seed gives the same one)
-            for p in self.params.values():
-                dist.broadcast(p.data, 0)
-        # bytes, so that log.tell() is a true offset to truncate to on resume
-        self.log = open(self.out_dir / "log.jsonl", "ab") if self.where.master else None
+# -----------------------------------------------------------------------------
+# the training loop
 
-    def write_log(self, record):
-        if self.log:
-            self.log.write((json.dumps(record) + "\n").encode())
-            self.log.flush()
 
-    def save_checkpoint(self):
-        if self.where.master:
-            ckpt = {"adapter": {n: p.detach().cpu() for n, p in self.params.items()},
-                    "best_adapter": {n: t.cpu() for n, t in self.best.items()},
-                    "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
-                    "allocator": self.allocator.state_dict() if self.allocator else None,
-                    "log_bytes": self.log.tell(), "settings": self.settings}
-            atomic_write(self.out_dir / "ckpt.pt", lambda tmp: torch.save(ckpt, tmp))
-
-    def train(self, train, dev, seed, batch_size, steps_per_epoch, total_steps):
-        """The paper's recipe: AdamW with warmup and linear decay, dev loss every eval_interval steps, early
-        stopping, the best adapter on dev kept. One optimizer step per global batch; each process takes every
-        world-th example of it and runs them in micro-batches, accumulating gradients."""
-        args, state = self.args, self.state
-        warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-        last_ckpt = time.time()
-        pbar = tqdm(total=total_steps, initial=state.step, disable=not self.where.master or state.done,
-                    dynamic_ncols=True, desc="train")
-        while not state.done:
-            t0 = time.time()
-            epoch, index = divmod(state.step, steps_per_epoch)
-            # the shuffle is a function of (seed, epoch) alone, so the step number is the whole data position
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            batch = [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
-            loss, n_tokens = self.forward_backward(batch)
-            lr = lr_at(state.step, args.lr, warmup_steps, total_steps)
-            grad_norm = self.optimizer_step(lr, loss, epoch)
-            state.step += 1
-            dt = time.time() - t0
-            state.train_time, state.train_tokens = state.train_time + dt, state.train_tokens + n_tokens
-            self.write_log({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
-                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / dt, 1)})
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
-            state.done = state.step >= total_steps
-            evaluated = state.step % args.eval_interval == 0 or state.done
-            if evaluated:
-                self.evaluate_dev(dev, pbar)
-            if evaluated or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
-                self.save_checkpoint()
-                last_ckpt = time.time()
-        pbar.close()
-        if self.log:
-            self.log.close()
-
-    def forward_backward(self, batch):
-        """Gradients of the mean loss over the global batch's target tokens (each micro-batch adds its sum / that
-        count, so the gradient is the same for any micro-batch size and number of processes); (loss, tokens)."""
-        model, args = self.model, self.args
+def train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps):
+    """The paper's recipe: AdamW with warmup and linear decay, dev loss every eval_interval steps, early stopping,
+    the best adapter on dev kept. One optimizer step per global batch; each process takes every world-th example
+    of it and runs them in micro-batches, accumulating gradients (so the step's gradient is the same for any
+    micro-batch size and number of processes)."""
+    args, state, model, where = run.args, run.state, run.model, run.where
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    last_ckpt = time.time()
+    pbar = tqdm(total=total_steps, initial=state.step, disable=not where.master or state.done, dynamic_ncols=True,
+                desc="train")
+    while not state.done:
+        t0 = time.time()
+        # the global batch: the shuffle is a function of (seed, epoch) alone, so the step number is the data position
+        epoch, index = divmod(state.step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        batch = [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
         n_targets = sum(len(t) for _, t in batch)
-        share = batch[self.where.rank::self.where.world]
+
+        # forward and backward, one micro-batch at a time: each adds its summed loss / the batch's target count
         model.train()
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, tokens processed
-        for micro in micro_batches(share, args.micro_batch_size):
-            tokens, targets, prompt_len = collate(micro, self.tokenizer.pad_id, self.device)
-            with self.autocast:
+        stats = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, tokens processed
+        for micro in micro_batches(batch[where.rank::where.world], args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro, run.tokenizer.pad_id, run.device)
+            with run.autocast:
                 loss = answer_loss(model, tokens, targets, prompt_len) / n_targets
             loss.backward()
             stats += torch.tensor([loss.item(), sum(len(p) + len(t) for p, t in micro)], dtype=torch.float64,
-                                  device=self.device)
-        if self.allocator and self.where.master:  # AdaLoRA's orthogonality term, once per step (on one process)
-            (args.adalora_orth_reg_weight * self.allocator.regularizer()).backward()
-        if self.where.world > 1:
-            stats = all_reduce_adapter_grads(self.params, stats)
-        return stats[0].item(), int(stats[1].item())
-
-    def optimizer_step(self, lr, loss, epoch):
-        """Clip, check, let AdaLoRA score this step, update the adapter; returns the gradient norm."""
-        params = [p for p in self.params.values()]
-        for p in params:
-            if p.grad is None:  # a parameter no example reached (e.g. a process with no examples this step)
-                p.grad = torch.zeros_like(p)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or math.inf).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise UserError(f"the training loss is {loss} (gradient norm {grad_norm}) at step {self.state.step + 1} "
-                            f"(epoch {epoch + 1}): the run is stopped and the adapter was not updated. Try a lower "
-                            f"--lr, or --dtype fp32; --resume would restart from the last checkpoint in {self.out_dir}")
-        if self.allocator:  # AdaLoRA: score every triplet from this step's weights and gradients, before they change
-            self.allocator.update(self.state.step + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.allocator:  # prune the singular values outside the budget (the optimizer moved them too)
-            self.allocator.mask()
-        return grad_norm
-
-    def evaluate_dev(self, dev, pbar):
-        """Dev loss; a new best adapter is kept (and saved), and patience runs out."""
-        state, args = self.state, self.args
-        total = target_loss(self.model, dev[self.where.rank::self.where.world], args.micro_batch_size,
-                            self.tokenizer.pad_id, self.device, self.autocast)
-        if self.where.world > 1:
-            dist.all_reduce(total)
-        dev_loss = (total[0] / total[1]).item()
-        is_best, state.best_loss, state.bad_evals, stop = early_stopping(dev_loss, state.best_loss, state.bad_evals,
-                                                                         args.patience)
-        if is_best:
-            for n, p in self.params.items():
-                self.best[n].copy_(p.detach())
-            if self.where.master:
-                adapters.save_adapter(self.model, self.out_dir / "adapter.pt",
-                                      base=args.ckpt_dir or "SmolLM2-135M-Instruct")
-        self.write_log({"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
-        pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
-                   (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
-        if stop:
-            pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
-            state.done = True
-
-    def evaluate(self, splits, train, dev, folder, to_score):
-        """The best adapter generates answers to the prompts of the splits to_score (beam 3 in the paper); their
-        metrics. predictions.jsonl keeps the predictions of other splits, scored by an earlier call."""
-        args, model, tokenizer, where = self.args, self.model, self.tokenizer, self.where
-        for n, p in self.params.items():
-            p.data.copy_(self.best[n])
-        # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
-        max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
-        model.eval()
-        t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
-        for split in to_score:
-            records = splits[split]
-            if not records:  # SQuAD prepared without its training file has no dev split
-                results[split] = None
-                continue
-            prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
-                                     tokenizer.bos_id) for r in records]
-            preds = self.generate_all(prompts, max_new_tokens, split, metric.stop)
-            results[split] = metric(preds, records)
-            predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
-                            for r, p in zip(records, preds)]
-        if where.master:
-            path = self.out_dir / "predictions.jsonl"
-            earlier = [p for p in map(json.loads, path.read_text().splitlines()) if p["split"] not in to_score] \
-                if path.exists() else []
-            atomic_write(path, lambda tmp: tmp.write_text(
-                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in earlier + predictions)))
-        memory, kind = peak_memory(self.device)
-        s = self.state
-        return results | {"train_time_s": round(s.train_time, 1), "eval_time_s": round(time.time() - t_eval, 1),
-                          "train_tokens_per_s": round(s.train_tokens / s.train_time, 1) if s.train_time else None,
-                          "num_beams": args.num_beams, "max_new_tokens": max_new_tokens, "world_size": where.world,
-                          "device": str(self.device), "dtype": str(model.output.weight.dtype).removeprefix("torch."),
-                          "seed": self.settings["seed"], "settings": self.settings, "peak_memory_bytes": memory,
-                          "peak_memory_kind": kind}
-
-    def generate_all(self, prompts, max_new_tokens, split, stop):
-        """The generated text of every prompt: longest first, in batches of similar length (less left-padding);
-        each process takes every world-th batch. Generation stops at EOS, or at `stop` (beyond which the metric
-        reads nothing)."""
-        args, where = self.args, self.where
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
-        preds = {}
-        for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
-            with self.autocast:
-                outs = generate(self.model, self.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
-                                num_beams=args.num_beams, stop=stop, compile=args.compile)
-            preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
+                                  device=run.device)
+        if run.allocator and where.master:  # AdaLoRA's orthogonality term, once per step (on one process)
+            (args.adalora_orth_reg_weight * run.allocator.regularizer()).backward()
         if where.world > 1:
-            gathered = [None] * where.world
-            dist.all_gather_object(gathered, preds)
-            preds = {i: p for part in gathered for i, p in part.items()}
-        return [preds[i] for i in range(len(prompts))]
+            stats = all_reduce_adapter_grads(run.params, stats)
+        loss, n_tokens = stats[0].item(), int(stats[1].item())
+
+        # clip, let AdaLoRA score the step, then AdamW at this step's learning rate
+        grad_norm = clip_gradients(run, loss, epoch)
+        if run.allocator:  # AdaLoRA: score every triplet from this step's weights and gradients, before they change
+            run.allocator.update(state.step + 1)
+        lr = lr_at(state.step, lr_of(args), warmup_steps, total_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.allocator:  # prune the singular values outside the budget (the optimizer moved them too)
+            run.allocator.mask()
+
+        # bookkeeping: the log, the progress bar, and the time and tokens counted in results.json
+        state.step += 1
+        dt = time.time() - t0
+        state.train_time, state.train_tokens = state.train_time + dt, state.train_tokens + n_tokens
+        write_log(run, {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / dt, 1)})
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+
+        # dev loss every eval_interval steps and at the end (early stopping), and a checkpoint to resume from
+        state.done = state.step >= total_steps
+        evaluated = state.step % args.eval_interval == 0 or state.done
+        if evaluated:
+            evaluate_dev(run, dev, pbar)
+        if evaluated or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
+            save_checkpoint(run)
+            last_ckpt = time.time()
+    pbar.close()
+    if run.log:
+        run.log.close()
+
+
+def clip_gradients(run, loss, epoch):
+    """Clip the adapter's gradient norm (returned); a loss or a norm that is not finite stops the run, unchanged."""
+    params = list(run.params.values())
+    for p in params:
+        if p.grad is None:  # a parameter no example reached (e.g. a process with no examples this step)
+            p.grad = torch.zeros_like(p)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.args.grad_clip or math.inf).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise UserError(f"the training loss is {loss} (gradient norm {grad_norm}) at step {run.state.step + 1} "
+                        f"(epoch {epoch + 1}): the run is stopped and the adapter was not updated. Try a lower --lr, "
+                        f"or --dtype fp32; --resume would restart from the last checkpoint in {run.out_dir}")
+    return grad_norm
+
+
+def evaluate_dev(run, dev, pbar):
+    """Dev loss; a new best adapter is kept (and saved), and patience runs out."""
+    state, args, where = run.state, run.args, run.where
+    total = target_loss(run.model, dev[where.rank::where.world], args.micro_batch_size, run.tokenizer.pad_id,
+                        run.device, run.autocast)
+    if where.world > 1:
+        dist.all_reduce(total)
+    dev_loss = (total[0] / total[1]).item()
+    is_best, state.best_loss, state.bad_evals, stop = early_stopping(dev_loss, state.best_loss, state.bad_evals,
+                                                                     args.patience)
+    if is_best:
+        for n, p in run.params.items():
+            run.best[n].copy_(p.detach())
+        if where.master:
+            adapters.save_adapter(run.model, run.out_dir / "adapter.pt", base=args.ckpt_dir or "SmolLM2-135M-Instruct")
+    write_log(run, {"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
+    pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
+               (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
+    if stop:
+        pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
+        state.done = True
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the log
+
+
+def restore(run, ckpt):
+    """The adapter, AdamW's moments, the allocator and the run state, as they were when ckpt.pt was written; then
+    log.jsonl, cut back to what that checkpoint had logged, is opened for appending."""
+    if ckpt is not None:
+        for n, p in run.params.items():
+            p.data.copy_(ckpt["adapter"][n])
+            run.best[n].copy_(ckpt["best_adapter"][n])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.allocator:
+            run.allocator.load_state_dict(ckpt["allocator"])
+        run.state = RunState(**ckpt["state"])
+        if run.where.master and (run.out_dir / "log.jsonl").exists():
+            with open(run.out_dir / "log.jsonl", "r+b") as f:
+                f.truncate(ckpt["log_bytes"])  # lines written after the checkpoint will be written again
+            print(f"resumed {run.out_dir} at step {run.state.step}" + " (training finished)" * run.state.done)
+    if run.where.world > 1:  # every process starts from rank 0's adapter (the same seed gives the same one)
+        for p in run.params.values():
+            dist.broadcast(p.data, 0)
+    # bytes, so that log.tell() is a true offset to truncate to on resume
+    run.log = open(run.out_dir / "log.jsonl", "ab") if run.where.master else None
+
+
+def write_log(run, record):
+    if run.log:
+        run.log.write((json.dumps(record) + "\n").encode())
+        run.log.flush()
+
+
+def save_checkpoint(run):
+    if run.where.master:
+        ckpt = {"adapter": {n: p.detach().cpu() for n, p in run.params.items()},
+                "best_adapter": {n: t.cpu() for n, t in run.best.items()},
+                "optimizer": run.optimizer.state_dict(), "state": asdict(run.state),
+                "allocator": run.allocator.state_dict() if run.allocator else None,
+                "log_bytes": run.log.tell(), "settings": run.settings}
+        atomic_write(run.out_dir / "ckpt.pt", lambda tmp: torch.save(ckpt, tmp))
+
+
+# -----------------------------------------------------------------------------
+# evaluation by generation
+
+
+def evaluate(run, splits, train, dev, folder, to_score):
+    """The best adapter generates answers to the prompts of the splits to_score (beam 3 in the paper); their
+    metrics. predictions.jsonl keeps the predictions of other splits, scored by an earlier call."""
+    args, model, tokenizer, where = run.args, run.model, run.tokenizer, run.where
+    for n, p in run.params.items():
+        p.data.copy_(run.best[n])
+    # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
+    max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
+    model.eval()
+    t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
+    for split in to_score:
+        records = splits[split]
+        if not records:  # SQuAD prepared without its training file has no dev split
+            results[split] = None
+            continue
+        prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
+                                 tokenizer.bos_id) for r in records]
+        preds = generate_all(run, prompts, max_new_tokens, split, metric.stop)
+        results[split] = metric(preds, records)
+        predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
+                        for r, p in zip(records, preds)]
+    if where.master:
+        path = run.out_dir / "predictions.jsonl"
+        earlier = [p for p in map(json.loads, path.read_text().splitlines()) if p["split"] not in to_score] \
+            if path.exists() else []
+        atomic_write(path, lambda tmp: tmp.write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in earlier + predictions)))
+    memory, kind = peak_memory(run.device)
+    s = run.state
+    return results | {"train_time_s": round(s.train_time, 1), "eval_time_s": round(time.time() - t_eval, 1),
+                      "train_tokens_per_s": round(s.train_tokens / s.train_time, 1) if s.train_time else None,
+                      "num_beams": args.num_beams, "max_new_tokens": max_new_tokens, "world_size": where.world,
+                      "device": str(run.device), "dtype": str(model.output.weight.dtype).removeprefix("torch."),
+                      "seed": run.settings["seed"], "settings": run.settings, "peak_memory_bytes": memory,
+                      "peak_memory_kind": kind}
+
+
+def generate_all(run, prompts, max_new_tokens, split, stop):
+    """The generated text of every prompt: longest first, in batches of similar length (less left-padding); each
+    process takes every world-th batch. Generation stops at EOS, or at `stop` (beyond which the metric reads
+    nothing)."""
+    args, where = run.args, run.where
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
+    preds = {}
+    for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
+        with run.autocast:
+            outs = generate(run.model, run.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
+                            num_beams=args.num_beams, stop=stop, compile=args.compile)
+        preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
+    if where.world > 1:
+        gathered = [None] * where.world
+        dist.all_gather_object(gathered, preds)
+        preds = {i: p for part in gathered for i, p in part.items()}
+    return [preds[i] for i in range(len(prompts))]
 
 
 def all_reduce_adapter_grads(params, stats):

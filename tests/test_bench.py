@@ -32,7 +32,7 @@ def test_bench_reports_every_row_and_methods_at_init_generate_the_base_tokens(ti
     rows = report["rows"]
 
     table4 = {(r["method"], r["beams"]): r for r in rows if r["section"] == "table4"}
-    lora_r, houlsby = report["setting"]["lora_r"], report["setting"]["houlsby"]
+    lora_r, houlsby = report["setting"]["sizes"]["lora"]["r"], report["setting"]["sizes"]["houlsby"]["size"]
     names = ("base", "PARA r=12", "(IA)^3", f"LoRA r={lora_r}", "AdaLoRA r=12", f"Houlsby m={houlsby}")
     assert set(table4) == {(m, b) for m in names for b in (1, 3)}
     for (method, beams), row in table4.items():
