@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import baselines
 import para
 from data import atomic_write
-from errors import UserError
+from errors import UserError, shorten
+from loaders import model_fingerprint, model_name
 from model import ModelArgs, Transformer, TransformerBlock
 
 # -----------------------------------------------------------------------------
@@ -31,6 +32,7 @@ WHOLE, NUMBER, NAMES = (int,), (int, float), (list, tuple)
 TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of matrix names"}
 PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
 PAPER_LR = 1e-4  # the paper's learning rate, for every method (section 4.3)
+MAX_SIZE = 1 << 20  # no rank or bottleneck is larger: a bigger one in a file is damage, refused before any allocation
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def compared_size(args: ModelArgs, method: str) -> dict:
 # Attaching an adapter
 
 
-def add_adapter(model: Transformer, method: str = "para", n_adapters: int = 1, **settings):
+def add_adapter(model: Transformer, method: str = PARA, n_adapters: int = 1, **settings):
     """Attach a fresh adapter (or a bank of n_adapters copies of one) in place; the outputs are unchanged."""
     if getattr(model, "adapter_config", None):
         raise UserError(f"the model already has a {model.adapter_config['method']} adapter")
@@ -107,8 +109,8 @@ def check_settings(method, settings, source="the adapter's settings"):
             raise UserError(f"{source}: {method} has no setting {key!r} (its settings: {', '.join(types) or 'none'})")
         if not isinstance(value, types[key]) or isinstance(value, bool):
             raise UserError(f"{source}: {method}'s {key!r} must be {TYPE_NAMES[types[key]]}, got {value!r}")
-        if key in ("r", "size") and value < 1:
-            raise UserError(f"{source}: {method}'s {key!r} must be at least 1, got {value}")
+        if key in ("r", "size") and not 1 <= value <= MAX_SIZE:
+            raise UserError(f"{source}: {method}'s {key!r} must lie in [1, {MAX_SIZE:,}], got {shorten(value)}")
 
 
 def block_args(model: Transformer, prompt_len=None, adapter_ids=None, vectors=None) -> dict:
@@ -139,13 +141,18 @@ def adapter_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
 
 
-def count_parameters(args: ModelArgs, method: str = "para", **settings) -> int:
-    """Trainable parameters of one adapter, counted on the meta device: no weights are allocated."""
+def meta_adapter(args: ModelArgs, method: str, settings: dict) -> dict:
+    """The tensors of one adapter on a model of shape args, built on the meta device: shapes, and no memory."""
     args = dataclasses.replace(args, vocab_size=max(args.vocab_size, 1))  # the adapter does not touch the vocabulary
     with torch.device("meta"):
         model = Transformer(args)
         add_adapter(model, method, **settings)
-    return sum(t.numel() for t in adapter_state_dict(model).values())
+    return adapter_state_dict(model)
+
+
+def count_parameters(args: ModelArgs, method: str = PARA, **settings) -> int:
+    """Trainable parameters of one adapter, counted on the meta device: no weights are allocated."""
+    return sum(t.numel() for t in meta_adapter(args, method, settings).values())
 
 
 def size_matching_para(args: ModelArgs, method: str) -> int:
@@ -264,13 +271,17 @@ def base_shape(args: ModelArgs) -> dict:
 
 
 def save_adapter(model: Transformer, path, base: Optional[str] = None, index: int = 0):
-    """Write adapter `index` (of a bank; 0 otherwise) to `path` atomically; `base` names the base model."""
+    """Write adapter `index` (of a bank; 0 otherwise) to `path` atomically. `base` is the base model's checkpoint
+    path (or a name): the file records its name and, for a path, the fingerprint of its files, which load_adapter
+    checks."""
     bank = getattr(model, "n_adapters", 1) > 1
     tensors = {k: (v[index] if bank else v).detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
+    exists = base is not None and os.path.exists(base)
     payload = {
         "format": FILE_FORMAT,
         "config": model.adapter_config,
-        "base": {"name": base and os.path.basename(os.path.normpath(base)), **base_shape(model.args)},
+        "base": {"name": base and model_name(base), "fingerprint": model_fingerprint(base) if exists else None,
+                 **base_shape(model.args)},
         "shapes": {k: list(t.shape) for k, t in tensors.items()},
         "tensors": tensors,
     }
@@ -279,15 +290,18 @@ def save_adapter(model: Transformer, path, base: Optional[str] = None, index: in
 
 def read_adapter_file(path) -> dict:
     """An adapter file's contents, checked: the format, the header, and tensors that are floating point and finite."""
+    if not os.path.exists(path):
+        raise UserError(f"adapter file {str(path)!r} not found")
+    if not os.path.isfile(path):  # a folder, a FIFO (reading it would wait forever), a device
+        raise UserError(f"adapter file {str(path)!r} is not a regular file: give the path of an adapter.pt")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)  # data only: a file cannot run code
-    except FileNotFoundError:
-        raise UserError(f"adapter file {str(path)!r} not found") from None
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         if "weights_only" in str(e):  # torch suggests weights_only=False, which would run the file's code
             reason = "it holds Python objects other than tensors, and is not loaded"
-        raise UserError(f"{str(path)!r} is not a readable adapter file (truncated or corrupt?): {reason}") from None
+        raise UserError(f"{str(path)!r} is not a readable adapter file (truncated or corrupt?): "
+                        f"{shorten(reason)}") from None
     ok = (isinstance(payload, dict) and payload.get("format") == FILE_FORMAT
           and all(isinstance(payload.get(k), dict) for k in ("config", "base", "shapes", "tensors"))
           and all(isinstance(t, torch.Tensor) for t in payload["tensors"].values())
@@ -304,37 +318,61 @@ def read_adapter_file(path) -> dict:
     return payload
 
 
-def load_adapter(model: Transformer, paths, base: Optional[str] = None):
+def check_adapter_file(path, payload, model_args: ModelArgs, base: Optional[str] = None, any_base=False):
+    """Refuse an adapter file for another base model: another shape (always), or, when the caller names its base,
+    other weights (by the fingerprint the file records) or another name (files that record none). any_base turns
+    the last two into a warning: the same weights in another format have another fingerprint. Then refuse tensors
+    that do not fit the adapter its config describes, checked on the meta device before anything is allocated."""
+    theirs, ours = {k: payload["base"].get(k) for k in BASE_FIELDS}, base_shape(model_args)
+    if theirs != ours:
+        diff = ", ".join(f"{k} {theirs[k]} != {ours[k]}" for k in BASE_FIELDS if theirs[k] != ours[k])
+        raise UserError(f"{str(path)!r} was trained on another base model ({payload['base'].get('name')}: {diff} here)")
+    recorded, name = payload["base"].get("fingerprint"), payload["base"].get("name")
+    other = None
+    if base and recorded and os.path.exists(base) and recorded != model_fingerprint(base):
+        other = f"{str(path)!r} was trained on other weights ({name}) than {str(base)!r}: its files' fingerprints differ"
+    elif base and not recorded and name and name != model_name(base):
+        other = f"{str(path)!r} was trained on base model {name!r}, not {model_name(base)!r}"
+    if other and not any_base:
+        raise UserError(f"{other}. If they are the same weights in another format, pass --any_base")
+    if other:
+        print(f"warning: {other} (--any_base: loaded anyway)")
+    config = dict(payload["config"])
+    want = {k: list(t.shape) for k, t in meta_adapter(model_args, config.pop("method"), config).items()}
+    if payload["shapes"] != want:
+        raise UserError(f"{str(path)!r} holds tensors {sorted(payload['shapes'])[:3]}... that don't fit the adapter "
+                        f"its config describes ({payload['config']}) on this model: it is damaged or hand-edited")
+
+
+def load_adapter(model: Transformer, paths, base: Optional[str] = None, any_base=False):
     """Attach the adapters in `paths` (a bank when there are several: adapter_ids index this list), or refill
-    a matching adapter of the model."""
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files = [read_adapter_file(p) for p in paths]
-    config = files[0]["config"]
-    ours = base_shape(model.args)
+    a matching adapter of the model. A None in paths is a fresh adapter, the identity: its rows get exactly the base
+    model (a tenant without an adapter). `base`: the base model's checkpoint path (or name), checked against what
+    each file records (check_adapter_file)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) or paths is None else list(paths)
+    files = [None if p is None else read_adapter_file(p) for p in paths]
+    first = next((i for i, f in enumerate(files) if f), None)
+    if first is None:
+        raise UserError("no adapter file given")
+    config = files[first]["config"]
     for p, f in zip(paths, files):
-        if f["config"] != config or f["shapes"] != files[0]["shapes"]:
-            raise UserError(f"{str(p)!r} is a {f['config']} adapter but {str(paths[0])!r} is {config}: "
+        if f is None:
+            continue
+        if f["config"] != config or f["shapes"] != files[first]["shapes"]:
+            raise UserError(f"{str(p)!r} is a {f['config']} adapter but {str(paths[first])!r} is {config}: "
                             "a bank needs one method and one config")
-        theirs = {k: f["base"].get(k) for k in BASE_FIELDS}
-        if theirs != ours:
-            diff = ", ".join(f"{k} {theirs[k]} != {ours[k]}" for k in BASE_FIELDS if theirs[k] != ours[k])
-            raise UserError(f"{str(p)!r} was trained on another base model ({f['base'].get('name')}: {diff} here)")
-        if base and f["base"].get("name") and f["base"]["name"] != os.path.basename(os.path.normpath(base)):
-            raise UserError(f"{str(p)!r} was trained on base model {f['base']['name']!r}, not {base!r}")
+        check_adapter_file(p, f, model.args, base, any_base)
     if not getattr(model, "adapter_config", None):
-        add_adapter(model, n_adapters=len(files), **config)
+        add_adapter(model, n_adapters=len(files), **config)  # fresh: each is the identity until filled
     elif model.adapter_config != config or model.n_adapters != len(files):
         raise UserError(f"the model already holds {model.n_adapters} {model.adapter_config} adapter(s); "
                         f"cannot load {len(files)} {config} adapter(s) into it")
     params = dict(model.named_parameters())
-    for p, f in zip(paths, files):
-        want = {k: list(params[k].shape[1:] if len(files) > 1 else params[k].shape) for k in adapter_state_dict(model)}
-        if f["shapes"] != want:
-            raise UserError(f"{str(p)!r} holds tensors {sorted(f['shapes'])[:3]}... that don't fit this model's adapter")
     with torch.no_grad():
         for k in adapter_state_dict(model):
-            tensors = [f["tensors"][k] for f in files]
-            params[k].copy_(torch.stack(tensors) if len(files) > 1 else tensors[0])
+            for i, f in enumerate(files):
+                if f is not None:
+                    (params[k][i] if len(files) > 1 else params[k]).copy_(f["tensors"][k])
     return model
 
 

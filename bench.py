@@ -1,7 +1,7 @@
 """
 Generation speed and memory: the paper's Table 4, multi-tenant serving, and generate.py against HF Transformers.
 
-    python bench.py                                    # SmolLM2-135M on the CPU, fp32, 2 threads, 5 runs
+    python bench.py                                    # SmolLM2-135M on the CPU, 2 threads, 5 runs (--dtype auto)
     python bench.py --sections table4 --runs 9 --json  # one JSON object: every row, its tokens and timings
     python bench.py --model path/to/llama-2-7b --device cuda   # the paper's setting: bf16, 100 runs
 
@@ -47,6 +47,7 @@ peak is the running sum of its allocation and free events. Allocator caching, Py
 interpreter are not counted on either device.
 """
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -67,7 +68,7 @@ import adapters
 import baselines
 import generate
 from errors import UserError
-from loaders import DTYPES, default_model_path, load, pick_device
+from loaders import DTYPES, default_model_path, load, native_bf16, pick_device, resolve_dtype
 from model import ModelArgs, Transformer
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
@@ -168,10 +169,16 @@ def run_generate(model, tokenizer, prompts, num_beams, new_tokens, adapter_ids=N
     return [g.tokens for g in out], seconds, out[0].seconds - out[0].prefill_seconds
 
 
+def say(text):
+    """Progress on stderr, on one line that each call overwrites (stdout keeps the report alone)."""
+    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+
 def warm_up(jobs):
     """One untimed call of each job: first calls pay for allocations and kernel choices (cuBLAS's workspace,
     oneDNN's primitives), which must count as no row's time or memory."""
-    for job in jobs.values():
+    for i, job in enumerate(jobs.values()):
+        say(f"warming up: {i + 1}/{len(jobs)}")
         job()
 
 
@@ -179,10 +186,24 @@ def interleaved(jobs, runs):
     """Call each job once per round for `runs` rounds, rotating the order every round; {name: [results]}."""
     names, results = list(jobs), {name: [] for name in jobs}
     for i in range(runs):
+        say(f"round {i + 1}/{runs} of {len(names)} rows")
         k = i % len(names)
         for name in names[k:] + names[:k]:
             results[name].append(jobs[name]())
     return results
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence what C++ libraries print on the process's stderr (the CPU profiler's "USDT: profiler_start")."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
 
 
 def peak_mib(model, call, device):
@@ -197,7 +218,8 @@ def peak_mib(model, call, device):
         sync(device)
         held = torch.cuda.max_memory_allocated(device) - before
     else:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True) as prof:
             call()
         # every allocation (+bytes) and free (-bytes) of the call, in time order; kineto_results holds them
         # all, where prof.events() folds the allocations into the operators that made them
@@ -407,7 +429,7 @@ def training(base, tokenizer, args, device, dtype, path):
     from data import TASKS, load_split, prepare_task, resolve_task
 
     folder = prepare_task(args.task, src=args.src) if args.task in TASKS else resolve_task(args.task)
-    examples, _ = train.tokenize(load_split(folder, "train")[:16], tokenizer, 2048)
+    examples, _, _ = train.tokenize(load_split(folder, "train")[:16], tokenizer, 2048)
     tokens, targets, prompt_len = train.collate(examples, tokenizer.pad_id, device)  # one batch, right-padded
     n_targets, n_tokens = (targets != -100).sum(), sum(len(p) + len(t) - 1 for p, t in examples)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -542,7 +564,9 @@ TITLES = {"table4": "Table 4: one prompt, tokens/s and peak memory",
           "train": "Training step against HF Transformers + PEFT (16 examples, forward, backward, AdamW)",
           "ceiling": "Ceiling"}
 NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without the prefill. peak MiB: weights + "
-                   "adapter + the peak tensor memory held during the call above what was held before it ({memory}).",
+                   "adapter + the peak tensor memory held during the call above what was held before it ({memory}). "
+                   "= base tokens: whether the row generated the base model's tokens: adapters at random weights "
+                   "(the default) change them, as they should; with --init every row must.",
          "multitenant": "{batch} different prompts of {prompt_len} tokens each (no padding); tokens/s: all rows' new "
                         "tokens over the call. Adapters 1: one adapter serves every row; {batch}: row i uses "
                         "adapter i of a bank.",
@@ -595,12 +619,15 @@ def parse_args(argv=None):
     p.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder, .gguf file, or random:7b "
                    "(13b, 70b, tiny): random weights of that shape (default: the small SmolLM2-135M GGUF)")
     p.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 on the cpu")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16 "
+                   "(AVX512-BF16 or AMX), fp32 elsewhere")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--runs", "--repeats", dest="runs", type=int, help="timed runs per row (default: 100 on cuda, "
                    "5 on the cpu)")
-    p.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274)
-    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--prompt_len", "--prompt_tokens", dest="prompt_len", type=int, default=274,
+                   help="tokens in each prompt (the paper's Table 4: 274)")
+    p.add_argument("--new_tokens", type=int, default=32, help="new tokens per prompt, always that many: EOS is off "
+                   "(the paper's Table 4: 32)")
     p.add_argument("--batch", type=int, default=8, help="prompts (and adapters) of the multi-tenant batch")
     p.add_argument("--sections", default="table4,multitenant,hf,ceiling", help="comma-separated, from " +
                    ", ".join(TITLES))
@@ -614,6 +641,10 @@ def parse_args(argv=None):
     unknown = set(args.sections.split(",")) - set(TITLES)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
+    for flag, value in (("--threads", args.threads), ("--runs", args.runs), ("--prompt_len", args.prompt_len),
+                        ("--new_tokens", args.new_tokens), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -623,29 +654,33 @@ def run_sections(base, tokenizer, args, device, dtype, path):
     loads = {"start": os.getloadavg()[0]}  # this run's own threads add --threads to it
     for name, section in (("table4", table4), ("multitenant", multi_tenant), ("compile", compiled_decode)):
         if name in sections:
+            say(f"{name}: ")
             rows += section(base, tokenizer, args, device)
             loads[name] = os.getloadavg()[0]
     for name, section in (("hf", lambda: versus_hf(base, tokenizer, args, device, load_hf(path, device, dtype))),
                           ("train", lambda: training(base, tokenizer, args, device, dtype, path))):
         if name in sections:
+            say(f"{name}: ")
             try:
                 rows += section()
                 loads[name] = os.getloadavg()[0]
             except Exception as e:  # HF cannot read this model (a Meta folder, random weights), no task data
                 notes.append(f"section {name} skipped: {type(e).__name__}: {str(e).splitlines()[0]}")
     if "ceiling" in sections:
+        say("ceiling")
         rows.append(ceiling(base, device))
         greedy = next((r for r in rows if r.get("measurement") == "greedy"), None)
         if greedy:
             rows.append(bound(greedy, rows[-1], args.new_tokens))
+    say("")
     return rows, notes, loads
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    args.runs = args.runs or (100 if device.type == "cuda" else 5)
+    dtype = resolve_dtype(args.dtype, device)
+    args.runs = args.runs if args.runs is not None else 100 if device.type == "cuda" else 5
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     base, tokenizer = load_model(path, device, dtype)
@@ -656,6 +691,8 @@ def main(argv=None):
                "new_tokens": args.new_tokens, "batch": args.batch, "sizes": args.sizes,
                "adapters": "init" if args.init else "random",
                "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
+               "cpu capability": torch.backends.cpu.get_cpu_capability(),
+               "native bf16": native_bf16(device) if device.type in ("cpu", "cuda") else None,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "torch.profiler allocation events, CPU",

@@ -6,3 +6,9 @@ class UserError(Exception):
     adapter file, an out folder holding another run. Its message names the file or flag and the fix.
     train.py, generate.py and the prepare scripts print it and exit without a traceback; any other exception is
     a bug, and keeps its traceback."""
+
+
+def shorten(value, limit: int = 80) -> str:
+    """repr(value) for a message, cut to `limit` characters: a file can hold a 10 MB string where a name should be."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

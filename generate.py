@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -28,10 +29,11 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import adapters
 from errors import UserError
-from loaders import DTYPES, load, pick_device
+from loaders import DTYPES, default_model_path, load, pick_device, resolve_dtype
 
 
 class KVCache:
@@ -81,7 +83,7 @@ class KVCache:
         values before `start` and the right per-row state (the beams of one prompt share that prompt's keys and
         values, its padding, its adapter and its vectors).
         """
-        index = torch.tensor(rows, device=self.k[0].device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.k[0].device)
         end = self.max_len if self.static else self.len  # a compiled step's positions are not counted on the host
         if rows != list(range(len(rows))):  # dropping the last rows moves no key or value: later calls use fewer
             for cache in self.k + self.v:
@@ -138,7 +140,9 @@ def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     from softmax(logits / temperature) restricted to the top_k tokens and to the top_p probability mass."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # relative to each row's best logit first: a tiny temperature (1e-45) then sends the others to -inf, not the
+    # best one to +inf (whose softmax would be NaN)
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k > 0:
         kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -180,7 +184,7 @@ class Options:
     stop: Optional[list] = None  # a row stops when its text contains one of these strings
     eos_id: Optional[int] = None  # a row stops at this token; None: the tokenizer's EOS; -1: never
 
-    def check(self, prompts=(), max_seq_len=math.inf):
+    def check(self, prompts=(), max_seq_len=math.inf, vocab_size=None):
         """Refuse what cannot be generated, with a message that says what to change."""
         if self.max_new_tokens < 1 or self.num_beams < 1:
             raise UserError(f"max_new_tokens and num_beams must be at least 1, got {self.max_new_tokens} and "
@@ -190,6 +194,9 @@ class Options:
                             f"{self.temperature}, top_p {self.top_p}, top_k {self.top_k}")
         if self.num_beams > 1 and self.temperature > 0:
             raise UserError("beam search here is deterministic: use temperature 0 with num_beams > 1")
+        if vocab_size and 2 * self.num_beams > vocab_size:  # each step keeps the 2 * num_beams best candidates
+            raise UserError(f"num_beams {self.num_beams} needs a vocabulary of at least {2 * self.num_beams} tokens; "
+                            f"this model's has {vocab_size}: use at most {vocab_size // 2} beams")
         if not math.isfinite(self.length_penalty):
             raise UserError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
@@ -222,18 +229,19 @@ def cut_at_stop(text, stop):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], options: Optional[Options] = None, *, adapter_ids=None,
-             stream=None, compile=False, **more_options) -> list[Generation]:
+             stream=None, progress=None, compile=False, **more_options) -> list[Generation]:
     """Continue each prompt (a list of token ids); all prompts form one left-padded batch.
 
     options: an Options, or its fields as keyword arguments (generate(model, tok, prompts, max_new_tokens=32)).
     A row stops at EOS, at max_new_tokens, or at a stop string: its tokens then include those of the stop string,
     its text is cut before it.
     adapter_ids (B,) pick each row's adapter from a bank (adapters.load_adapter of several files).
-    stream(i, token) is called with every new token of prompt i as soon as it is chosen (not with beam search).
+    stream(i, token) is called with every new token of prompt i as soon as it is chosen (not with beam search);
+    progress(step), if given, after every decode step. A KV cache larger than the free memory is refused.
     compile: decode with compiled_decode_step (the first call of each model and batch size compiles it).
     """
     o = dataclasses.replace(options or Options(), **more_options)
-    o.check(prompts, model.args.max_seq_len)
+    o.check(prompts, model.args.max_seq_len, model.args.vocab_size)
     if o.eos_id is None:
         o.eos_id = tokenizer.eos_id
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
@@ -243,6 +251,11 @@ def generate(model, tokenizer, prompts: list[list[int]], options: Optional[Optio
     max_len = T0 + o.max_new_tokens
     if compile:  # in steps of 256, so that batches of other lengths mostly share a compiled graph
         max_len = min(-(-max_len // 256) * 256, a.max_seq_len)
+    need, free = kv_cache_bytes(a, B * o.num_beams, max_len, dtype), available_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"this generation's KV cache needs {need / 2**30:.1f} GiB ({B} prompts x {o.num_beams} beams x "
+                        f"{max_len} positions) and {free / 2**30:.1f} GiB are free: use fewer beams, fewer new tokens, "
+                        "or fewer prompts at once (generate.py --batch_size)")
     cache = KVCache(a.n_layers, B * o.num_beams, max_len, a.n_kv_heads, a.head_dim, device, dtype,
                     pad_len=pad_len, adapter_ids=adapters.check_adapter_ids(model, adapter_ids), static=compile)
     if compile:  # the step's position as a tensor: a new int at every step would be a new graph
@@ -260,12 +273,39 @@ def generate(model, tokenizer, prompts: list[list[int]], options: Optional[Optio
         torch.cuda.synchronize(device)  # so that the clock reads the prefill's end, not its launch
     prefill_seconds = time.perf_counter() - start
     if o.num_beams > 1:
-        outputs = beam_search(decode, logits, cache, o, ends, T0)
+        outputs = beam_search(decode if progress is None else counted(decode, progress), logits, cache, o, ends, T0)
     else:
         generator = torch.Generator(device).manual_seed(o.seed) if o.seed is not None else None
-        outputs = sample_tokens(decode, logits, cache, o, ends, generator, stream)
+        outputs = sample_tokens(decode if progress is None else counted(decode, progress), logits, cache, o, ends,
+                                generator, stream)
     seconds = time.perf_counter() - start
     return [Generation(ids, cut_at_stop(tokenizer.decode(ids), o.stop), seconds, prefill_seconds) for ids in outputs]
+
+
+def counted(decode, progress):
+    """decode, then progress(step)."""
+    def step(token, i):
+        logits = decode(token, i)
+        progress(i + 1)
+        return logits
+    return step
+
+
+def kv_cache_bytes(args, rows, length, dtype) -> int:
+    """The KV cache of `rows` rows of `length` positions: keys and values of every layer's n_kv_heads heads."""
+    return 2 * args.n_layers * rows * length * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+
+def available_memory(device):
+    """Bytes free for new tensors: the GPU's free memory on CUDA, MemAvailable of /proc/meminfo on a Linux CPU, else
+    None (unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def sample_tokens(decode, logits, cache, o: Options, ends, generator=None, stream=None):
@@ -314,8 +354,7 @@ def beam_search(decode, logits, cache, o: Options, ends, T0):
       length (early_stopping False), or max_new_tokens when early_stopping is "never" and length_penalty > 0.
     - The answer is the best finished hypothesis.
     """
-    V, nb = logits.shape[-1], o.num_beams
-    assert V >= 2 * nb, "beam search needs a vocabulary of at least 2 * num_beams tokens"
+    V, nb = logits.shape[-1], o.num_beams  # Options.check: V >= 2 * nb
     n_prompts = logits.shape[0]
     beams = [[[]] for _ in range(n_prompts)]  # the running beams' tokens; one empty beam per prompt after prefill
     finished = [[] for _ in range(n_prompts)]  # (score, tokens) of the best finished hypotheses, best first
@@ -392,6 +431,8 @@ def step_one_prompt(beams, finished, candidates, length, o: Options, ends):
 def read_prompts_file(path):
     """One prompt per line: plain text, or a JSON object {"prompt": ..., "adapter": optional path}."""
     prompts, adapter_files = [], []
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device: reading it could wait forever
+        raise UserError(f"--prompts_file {path} is not a regular file: give a text file, one prompt per line")
     try:
         lines = open(path, encoding="utf-8").read().split("\n")
     except OSError as e:
@@ -449,33 +490,48 @@ def peak_memory(device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with LLaMA-2 style models (default: SmolLM2-135M).")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    p.add_argument("--prompts_file", help='one prompt per line: plain text or {"prompt": ..., "adapter": path}')
-    p.add_argument("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
-    p.add_argument("--adapter", help="an adapter file (train.py's adapter.pt), for every prompt without its own")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the model's chat format")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); try 0.7 for chat")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
-    p.add_argument("--seed", type=int, help="seed of the sampler, for a reproducible sample")
-    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (the paper: 3)")
-    p.add_argument("--length_penalty", type=float, default=1.0, help="beam score = sum logprob / len ** this")
-    p.add_argument("--early_stopping", default="false", choices=["true", "false", "never"],
-                   help="beam search stops when num_beams hypotheses are done (true), when no better one "
-                        "seems possible (false), or when none is possible (never); as in HF")
-    p.add_argument("--stop", action="append", help="stop when the completion contains this string; repeatable")
-    p.add_argument("--truncate", action="store_true", help="cut too long prompts from the left to fit the context")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, mps or cpu (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda, fp32 elsewhere")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile; CUDA graphs on "
-                   "cuda): pays off for long generations on a GPU; the first call compiles")
-    return p, p.parse_args(argv)
+    arg = p.add_argument
+    arg("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    arg("--prompts_file", help='one prompt per line: plain text, or {"prompt": ..., "adapter": path} (a line without '
+        'an adapter gets the base model; examples/prompts.jsonl shows the format)')
+    arg("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
+    arg("--adapter", help="an adapter file (train.py's adapter.pt), for every prompt without its own")
+    arg("--any_base", action="store_true", help="load an adapter trained on other weights of the same shape (the "
+        "same model in another format has other files); without it, that is refused")
+    arg("--chat", action="store_true", help="wrap each prompt as a user turn of the model's chat format")
+    arg("--max_new_tokens", type=int, default=256, help="new tokens at most per prompt (generation also stops at "
+        "EOS and at --stop)")
+    arg("--temperature", type=float, default=0.0, help="0 is greedy (the default); try 0.7 for chat")
+    arg("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    arg("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
+    arg("--seed", type=int, help="seed of the sampler, for a reproducible sample (each batch starts from it)")
+    arg("--num_beams", type=int, default=1, help="beam search with this many beams (the paper: 3); it shows its "
+        "progress, and prints the answer when the search ends (a beam's text is not final until then)")
+    arg("--length_penalty", type=float, default=1.0, help="beam score = sum logprob / len ** this")
+    arg("--early_stopping", default="false", choices=["true", "false", "never"],
+        help="beam search stops when num_beams hypotheses are done (true), when no better one seems possible "
+             "(false), or when none is possible (never); as in HF")
+    arg("--stop", action="append", help="stop when the completion contains this string; repeatable")
+    arg("--truncate", action="store_true", help="cut too long prompts from the left to fit the context")
+    arg("--batch_size", type=int, default=0, help="prompts generated together (0: as many as a KV cache of a "
+        "quarter of the free memory holds, at most 64); results are printed batch by batch, in the file's order")
+    arg("--json", action="store_true", help="print one JSON object per prompt per line")
+    arg("--device", default="auto", help="cuda, cuda:1, mps or cpu (auto: cuda when available)")
+    arg("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16, fp32 "
+        "elsewhere")
+    arg("--compile", action="store_true", help="compile the decode step (torch.compile; CUDA graphs on cuda): pays "
+        "off for long generations on a GPU; the first call compiles")
+    args = p.parse_args(argv)
+    for flag, value, low in (("--max_new_tokens", args.max_new_tokens, 1), ("--num_beams", args.num_beams, 1),
+                             ("--batch_size", args.batch_size, 0)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    return p, args
 
 
 def read_prompts(args):
-    """The texts to continue and the adapter file of each (or None), checked before the model is loaded."""
+    """The texts to continue and the adapter file of each (None: the base model), checked before the model is
+    loaded."""
     texts, files = list(args.prompt), [None] * len(args.prompt)
     if args.prompts_file:
         more_texts, more_files = read_prompts_file(args.prompts_file)
@@ -485,10 +541,24 @@ def read_prompts(args):
     for i, text in enumerate(texts):
         if not text.strip():
             raise UserError(f"prompt {i} is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+            raise UserError(f"prompt {i} is not valid UTF-8 text (character {e.start}): give it as UTF-8") from None
     files = [f or args.adapter for f in files]
-    if any(files) and not all(files):
-        raise UserError("some prompts have an adapter and some don't: give --adapter PATH for the others")
+    for f in dict.fromkeys(f for f in files if f):  # every file named, checked now: not after the model loads
+        adapters.read_adapter_file(f)
     return texts, files
+
+
+def truncate_left(prompt, keep, bos_id):
+    """The last `keep` tokens of prompt; a leading BOS stays (Llama 2 always saw one at position 0). The one rule for
+    cutting a prompt that is too long, in generation (--truncate) and in training and evaluation (train.py)."""
+    if len(prompt) <= keep:
+        return prompt
+    if prompt and prompt[0] == bos_id:
+        return prompt[:1] + prompt[len(prompt) - keep + 1:]
+    return prompt[len(prompt) - keep:]
 
 
 def encode(texts, tokenizer, args, context):
@@ -500,7 +570,7 @@ def encode(texts, tokenizer, args, context):
         if keep < 1:
             raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context of "
                             f"{context}")
-        prompts = [p[-keep:] for p in prompts]
+        prompts = [truncate_left(p, keep, tokenizer.bos_id) for p in prompts]
     return prompts
 
 
@@ -514,31 +584,64 @@ def main(argv=None):
                           early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping])
         options.check()  # the flags, before the model is loaded
         device = pick_device(args.device)
-        model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
+        model, tokenizer = load(args.ckpt_dir, device=device, dtype=resolve_dtype(args.dtype, device))
         adapter_ids = None
-        if any(files):  # multi-tenant: a bank of the distinct adapter files, one id per prompt
+        if any(files):  # multi-tenant: a bank of the distinct adapter files (None: the base model), one id per prompt
             paths = list(dict.fromkeys(files))
-            adapters.load_adapter(model, paths)
+            adapters.load_adapter(model, paths, base=args.ckpt_dir or default_model_path(), any_base=args.any_base)
             adapter_ids = [paths.index(f) for f in files]
         prompts = encode(texts, tokenizer, args, model.args.max_seq_len)
-        options.check(prompts, model.args.max_seq_len)
+        options.check(prompts, model.args.max_seq_len, model.args.vocab_size)
+        batch_size = args.batch_size or auto_batch_size(model, prompts, options)
     except UserError as e:
         parser.error(str(e))
     printer = Printer(tokenizer, args.stop) if len(prompts) == 1 and args.num_beams == 1 and not args.json else None
-    results = generate(model, tokenizer, prompts, options, adapter_ids=adapter_ids, stream=printer, compile=args.compile)
-    for text, result in zip(texts, results):
-        if args.json:
-            print(json.dumps({"prompt": text, "completion": result.text, "tokens": result.tokens,
-                              "tokens_per_s": round(result.tokens_per_s, 2)}, ensure_ascii=False), flush=True)
-        elif printer:
-            printer.finish(result.text)
-        else:
-            print(f"--- {text}\n{result.text}", flush=True)
-    n_tokens, seconds = sum(len(r.tokens) for r in results), results[0].seconds
+    n_tokens, seconds, prefill_seconds = 0, 0.0, 0.0
+    for start in range(0, len(prompts), batch_size):  # batch by batch, each printed as soon as it ends
+        batch = slice(start, start + batch_size)
+        progress = Progress(f"beam search, prompts {start + 1}-{min(start + batch_size, len(prompts))}",
+                            args.max_new_tokens) if args.num_beams > 1 else None
+        results = generate(model, tokenizer, prompts[batch], options, stream=printer, compile=args.compile,
+                           adapter_ids=adapter_ids[batch] if adapter_ids else None, progress=progress)
+        if progress:
+            progress.close()
+        for text, result in zip(texts[batch], results):
+            if args.json:
+                print(json.dumps({"prompt": text, "completion": result.text, "tokens": result.tokens,
+                                  "tokens_per_s": round(result.tokens_per_s, 2)}, ensure_ascii=False), flush=True)
+            elif printer:
+                printer.finish(result.text)
+            else:
+                print(f"--- {text}\n{result.text}", flush=True)
+        n_tokens += sum(len(r.tokens) for r in results)
+        seconds, prefill_seconds = seconds + results[0].seconds, prefill_seconds + results[0].prefill_seconds
     memory, measured = peak_memory(device)
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
-          f"(prefill of {sum(map(len, prompts))} prompt tokens: {results[0].prefill_seconds:.2f} s); "
+    batches = f" in batches of {batch_size}" if len(prompts) > batch_size else ""
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s{batches} "
+          f"(prefill of {sum(map(len, prompts))} prompt tokens: {prefill_seconds:.2f} s); "
           f"{measured}: {memory / 2**20:.0f} MiB", file=sys.stderr if args.json else sys.stdout)
+
+
+class Progress:
+    """A progress line on stderr for what prints nothing until it ends (beam search): its decode steps."""
+
+    def __init__(self, what, total):
+        self.bar = tqdm(total=total, desc=what, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, steps):  # decode steps done
+        self.bar.update(steps - self.bar.n)
+
+    def close(self):
+        self.bar.close()
+
+
+def auto_batch_size(model, prompts, options, cap=64):
+    """How many prompts to generate together: as many as a KV cache of a quarter of the free memory holds (at the
+    longest prompt and every beam), at most `cap`, at least 1."""
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    per_prompt = kv_cache_bytes(model.args, options.num_beams, max(map(len, prompts)) + options.max_new_tokens, dtype)
+    free = available_memory(device)
+    return cap if free is None else max(1, min(cap, free // 4 // per_prompt))
 
 
 if __name__ == "__main__":

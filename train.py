@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -33,10 +34,10 @@ import adapters
 from baselines import RankAllocator
 from data import TASKS, atomic_write, load_split, metric_for, prepare_task, resolve_task
 from errors import UserError
-from generate import generate, peak_memory
-from loaders import DTYPES, load, pick_device, torch_load
+from generate import generate, peak_memory, truncate_left
+import runs
+from loaders import DTYPES, default_model_path, load, pick_device, read_args, resolve_dtype, torch_load
 
-RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json")  # what a run writes
 
 
 def parse_args(argv=None):
@@ -78,7 +79,8 @@ def parser():
     arg("--patience", type=int, default=10, help="stop after this many dev evaluations without a lower dev loss")
     arg("--ckpt_minutes", type=float, default=5.0, help="write ckpt.pt at least this often (minutes of training; "
         "it is also written at every dev evaluation and at the end)")
-    arg("--seed", type=int, default=1)
+    arg("--seed", type=int, default=1, help="seed of the adapter's initialisation and of the data order, from 0 to "
+        "2**32 - 1")
     arg("--seeds", help="comma-separated seeds, one run each, reported with their median (the paper uses five)")
     # evaluation by generation
     arg("--num_beams", type=int, default=3, help="beam search width (3 in the paper; 1 is greedy)")
@@ -92,7 +94,8 @@ def parser():
     arg("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun "
         "cuda:LOCAL_RANK)")
     arg("--dtype", default="auto", choices=DTYPES, help="bf16: base weights in bf16 and bf16 autocast, the adapter "
-        "and AdamW in fp32 (auto: bf16 on cuda, fp32 elsewhere)")
+        "and AdamW in fp32. auto: bf16 on cuda and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere "
+        "(a CPU without it emulates bf16, some 47x slower)")
     arg("--grad_checkpointing", action="store_true", help="recompute activations in backward (7B/13B on one GPU)")
     # runs
     arg("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
@@ -126,7 +129,7 @@ def check_args(args):
                 "--num_beams": (args.num_beams, 1), "--eval_batch_size": (args.eval_batch_size, 1),
                 "--max_steps": (args.max_steps, 0), "--batch_size": (args.batch_size, 0),
                 "--max_new_tokens": (args.max_new_tokens, 0), "--limit_eval": (args.limit_eval, 0),
-                "--limit_train": (args.limit_train, 0), "--max_seq_len": (args.max_seq_len, 2),
+                "--limit_train": (args.limit_train, 0), "--max_seq_len": (args.max_seq_len, 3),
                 "--adalora_target_r": (args.adalora_target_r, 1), "--adalora_deltaT": (args.adalora_deltaT, 1)}
     if args.r is not None:
         at_least["--r"] = (args.r, 1)
@@ -153,6 +156,11 @@ def check_args(args):
             args.seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds must be comma-separated whole numbers, like 1,2,3; got {args.seeds!r}") from None
+        if len(set(args.seeds)) < len(args.seeds):
+            raise UserError(f"--seeds {','.join(map(str, args.seeds))} names a seed twice: each seed is one run")
+    for seed in args.seeds or [args.seed]:
+        if not 0 <= seed < 2**32:
+            raise UserError(f"a seed must lie in [0, 2**32), got {seed}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
 
@@ -177,22 +185,14 @@ def early_stopping(dev_loss, best_loss, bad_evals, patience):
     return False, best_loss, bad_evals + 1, bad_evals + 1 >= patience
 
 
-def truncate_left(prompt, keep, bos_id):
-    """The last `keep` tokens of prompt; a leading BOS stays (Llama 2 always saw one at position 0)."""
-    if len(prompt) <= keep:
-        return prompt
-    if prompt and prompt[0] == bos_id:
-        return prompt[:1] + prompt[len(prompt) - keep + 1:]
-    return prompt[len(prompt) - keep:]
-
-
 def tokenize(records, tokenizer, max_seq_len):
-    """[(prompt ids, target ids)] and the number of examples shortened to max_seq_len.
+    """([(prompt ids, target ids)], number of prompts cut, number of targets cut) for a window of max_seq_len.
     The prompt is encoded alone, with the model's BOS default: exactly the ids generation is given. The target
     ids are the rest of encode(prompt + target), so they are the tokens the model would see in running text,
     plus EOS so that generation learns to stop. An example longer than max_seq_len loses prompt tokens from the
-    left (after BOS): the answer and the words just before it matter most."""
-    examples, n_truncated = [], 0
+    left (after BOS): the answer and the words just before it matter most. A target longer than the window keeps
+    its start (max_seq_len - 2 tokens, EOS, and one prompt token fill it)."""
+    examples, cut_prompts, cut_targets = [], 0, 0
     for r in records:
         prompt = tokenizer.encode(r["prompt"])
         full = tokenizer.encode(r["prompt"] + r["target"])
@@ -200,12 +200,13 @@ def tokenize(records, tokenizer, max_seq_len):
             target = full[len(prompt):]
         else:  # a merge across the boundary (BPE can join the prompt's last characters with the target's first)
             target = tokenizer.encode(r["target"], bos=False)
-        target = target[:max_seq_len - 2] + [tokenizer.eos_id]  # a target longer than the window keeps its start
+        cut_targets += len(target) > max_seq_len - 2
+        target = target[:max_seq_len - 2] + [tokenizer.eos_id]
         if len(prompt) + len(target) > max_seq_len:
             prompt = truncate_left(prompt, max_seq_len - len(target), tokenizer.bos_id)
-            n_truncated += 1
+            cut_prompts += 1
         examples.append((prompt, target))
-    return examples, n_truncated
+    return examples, cut_prompts, cut_targets
 
 
 def micro_batches(batch, size):
@@ -308,11 +309,15 @@ def main(argv=None):
 
 def run_seeds(args, device, where):
     """One run per seed, then each seed's metrics and their median (the paper reports the median of five)."""
+    context = read_args(args.ckpt_dir).max_seq_len  # the config alone: refuse before any data or weight is read
+    if args.max_new_tokens > context // 2:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} would leave the prompts fewer than half of the "
+                        f"model's context of {context} tokens: ask for at most {context // 2}")
     if args.task in TASKS:
         folder = prepare_task(args.task, src=args.src, allow_missing_train=args.allow_missing_train)
     else:
         folder = resolve_task(args.task)
-    out_dir = Path(args.out_dir or os.path.join("out", f"{Path(folder).name}-{args.method}"))
+    out_dir = Path(args.out_dir or os.path.join("out", f"{Path(folder).resolve().name}-{args.method}"))
     if not args.seeds:
         return train_and_evaluate(args, args.seed, folder, out_dir, device, where)
     if (out_dir / "results.json").exists() and not (args.resume or args.overwrite):
@@ -338,7 +343,8 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     """One run: its out folder, model and adapter, data, training, evaluation, results."""
     t_start = time.time()
     settings = run_settings(args, seed, where)
-    ckpt = claim_out_dir(args, out_dir, settings, where)
+    inputs = runs.fingerprint(folder, args.ckpt_dir or default_model_path())
+    ckpt, held_lock = claim_out_dir(args, out_dir, settings, inputs, where)  # the lock is held until we return
     finished = {}  # a finished run's results: --resume scores only the splits it has not
     if args.resume and (out_dir / "results.json").exists():
         finished = {"eval_splits": ["dev", "test"]} | json.loads((out_dir / "results.json").read_text())
@@ -349,11 +355,11 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
         return finished
 
     torch.manual_seed(seed)  # the adapter's initialisation
-    model, tokenizer = load(args.ckpt_dir, device=device, dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args.ckpt_dir, device=device, dtype=resolve_dtype(args.dtype, device))
     # bf16 weights compute under bf16 autocast; the adapter stays fp32 (para.scale says why)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if model.output.weight.dtype == torch.bfloat16 \
         else nullcontext()
-    splits, train, dev, n_truncated = load_data(args, folder, tokenizer, model, where)
+    splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -365,10 +371,14 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
               f"most {total_steps} steps")
     optimizer = torch.optim.AdamW(params.values(), lr=lr_of(args), weight_decay=args.weight_decay) if params else None
     run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings,
-              RunState(done=args.method == adapters.NONE), {n: p.detach().clone() for n, p in params.items()})
+              inputs, RunState(done=args.method == adapters.NONE), {n: p.detach().clone() for n, p in params.items()})
     restore(run, ckpt)
-    train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps)
-    results = {"dev": None, "test": None} | finished | evaluate(run, splits, train, dev, folder, to_score)
+    try:
+        train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps)
+        scores = evaluate(run, splits, prompts, max_new_tokens, folder, to_score)
+    except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, not a traceback
+        raise Interrupted(run) from None
+    results = {"dev": None, "test": None} | finished | scores
     results |= {"eval_splits": [s for s in ("dev", "test") if s in finished.get("eval_splits", []) + to_score],
                 "trainable_parameters": n_trainable, "steps": run.state.step,
                 "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
@@ -401,11 +411,16 @@ def run_settings(args, seed, where):
     return {k: getattr(args, k) for k in names} | {"lr": lr_of(args), "seed": seed, "world_size": where.world}
 
 
-def claim_out_dir(args, out_dir, settings, where):
-    """Make out_dir this run's, never losing a user's work: a fresh run refuses a folder that holds any run file,
-    --overwrite deletes exactly the run files (nothing else), --resume continues from ckpt.pt. Returns the
-    checkpoint to resume from, or None."""
-    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+def claim_out_dir(args, out_dir, settings, inputs, where):
+    """Make out_dir this run's, never losing a user's work (runs.py): this process takes the folder's lock (rank 0,
+    which alone writes); a fresh run refuses a folder that holds any run file, --overwrite deletes exactly the run
+    files (nothing else), --resume continues from ckpt.pt, if its settings and inputs are this run's. Returns (the
+    checkpoint to resume from or None, the lock to hold until the run ends)."""
+    held = None
+    if where.master:
+        runs.prepare_folder(out_dir)
+        held = runs.lock(out_dir)
+    present = [name for name in runs.RUN_FILES if (out_dir / name).exists()]
     if present and not (args.resume or args.overwrite):
         raise UserError(f"{out_dir} holds the files of another run ({', '.join(present)}): pass --resume to continue "
                         "it, --overwrite to replace it, or choose another --out_dir")
@@ -415,25 +430,36 @@ def claim_out_dir(args, out_dir, settings, where):
         if not isinstance(ckpt, dict) or "settings" not in ckpt:
             raise UserError(f"{out_dir / 'ckpt.pt'} is not a training checkpoint of train.py: remove it, or pass "
                             "--overwrite to start afresh")
-        changed = {k: (ckpt["settings"].get(k), v) for k, v in settings.items() if ckpt["settings"].get(k) != v}
+        then, now = spelled_out(ckpt["settings"]), spelled_out(settings)
+        changed = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
         if changed:
             raise UserError(f"cannot --resume {out_dir}: its run used other settings, (then, now): {changed}")
+        runs.check_inputs(ckpt.get("inputs"), inputs, out_dir / "ckpt.pt")
     if where.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:  # half-written files of a run killed while writing one: only our own names
-            for stale in out_dir.glob(f".{name}.*.tmp"):
-                stale.unlink()
-        if ckpt is None and not (args.resume and (out_dir / "results.json").exists()):
-            if args.resume and args.method != adapters.NONE and present:
-                print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
-            for name in RUN_FILES:  # a fresh start: what an earlier run wrote here would mix with this run's files
-                (out_dir / name).unlink(missing_ok=True)
-    return ckpt
+        fresh = ckpt is None and not (args.resume and (out_dir / "results.json").exists())
+        if fresh and args.resume and args.method != adapters.NONE and present:
+            print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
+        runs.clean_up(out_dir, fresh)
+    return ckpt, held
+
+
+def spelled_out(settings):
+    """Run settings with their defaults spelled out, so that one run compares equal however it was written: --r
+    absent and --r at its default, a --ckpt_dir with and without a trailing slash."""
+    settings = dict(settings)
+    if settings.get("ckpt_dir"):
+        settings["ckpt_dir"] = os.path.normpath(settings["ckpt_dir"])
+    method = adapters.METHODS.get(settings.get("method"))
+    if method and method.size and settings.get("r") is None:
+        settings["r"] = method.default_size or adapters.size_matching_para(read_args(settings.get("ckpt_dir")),
+                                                                           settings["method"])
+    return settings
 
 
 def load_data(args, folder, tokenizer, model, where):
-    """The splits' records, and the training and dev examples tokenized (prompt and target apart, so that
-    training sees exactly the prompt ids generation will)."""
+    """The splits' records; the training and dev examples tokenized (prompt and target apart, so that training sees
+    exactly the prompt ids generation will); the prompts of dev and test for evaluation by generation, cut to leave
+    room for max_new_tokens; and that number. Every cut, in any split, is counted and said."""
     splits = {split: load_split(folder, split) for split in ("train", "dev", "test")}
     if args.limit_train:
         splits["train"] = splits["train"][:args.limit_train]
@@ -447,12 +473,26 @@ def load_data(args, folder, tokenizer, model, where):
         raise UserError(f"{folder}/dev.jsonl is empty: training keeps the adapter with the lowest dev loss, so it "
                         "needs dev examples")
     max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
-    train, n_truncated = tokenize(splits["train"], tokenizer, max_seq_len)
-    dev, n_truncated_dev = tokenize(splits["dev"], tokenizer, max_seq_len)
-    if where.master and (n_truncated or n_truncated_dev):
-        print(f"{n_truncated} train and {n_truncated_dev} dev examples are longer than {max_seq_len} tokens: "
-              "their prompts lose tokens from the left")
-    return splits, train, dev, n_truncated
+    train, cut_train, cut_targets = tokenize(splits["train"], tokenizer, max_seq_len)
+    dev, cut_dev, cut_dev_targets = tokenize(splits["dev"], tokenizer, max_seq_len)
+    # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
+    max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
+    keep = model.args.max_seq_len - max_new_tokens
+    prompts, cut_eval = {}, {}
+    for split in ("dev", "test"):
+        ids = [tokenizer.encode(r["prompt"]) for r in splits[split]]
+        prompts[split] = [truncate_left(p, keep, tokenizer.bos_id) for p in ids]
+        cut_eval[split] = sum(len(p) > keep for p in ids)
+    if where.master:
+        said = [f"{n} {split} prompts lose tokens from the left to fit {max_seq_len} tokens with their target"
+                for split, n in (("train", cut_train), ("dev", cut_dev)) if n]
+        said += [f"{n} {split} targets keep only their first {max_seq_len - 2} tokens (--max_seq_len)"
+                 for split, n in (("train", cut_targets), ("dev", cut_dev_targets)) if n]
+        said += [f"{n} {split} prompts lose tokens from the left to leave {max_new_tokens} new tokens in the model's "
+                 f"context of {model.args.max_seq_len} when scored" for split, n in cut_eval.items() if n]
+        for line in said:
+            print(f"note: {line}")
+    return splits, train, dev, prompts, max_new_tokens, cut_train
 
 
 def attach_adapter(args, model, total_steps):
@@ -503,9 +543,21 @@ class Run:
     device: torch.device
     where: "Dist"
     settings: dict  # run_settings: what --resume must find unchanged
+    inputs: dict  # runs.fingerprint of the data and the model: what --resume must find unchanged too
     state: RunState
     best: dict  # the adapter best on dev so far, on every process
     log: Optional[object] = None  # log.jsonl, open for appending, on rank 0
+    saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
+
+
+class Interrupted(UserError):
+    """Ctrl-C: where the run's last checkpoint is, and the command that continues it."""
+
+    def __init__(self, run):
+        command = shlex.join(["python", *sys.argv] + ["--resume"] * ("--resume" not in sys.argv))
+        step = run.saved_step if run.saved_step is not None else run.state.step if run.state.done else None
+        kept = f"{run.out_dir / 'ckpt.pt'} holds step {step}" if step is not None else "no checkpoint was written yet"
+        super().__init__(f"interrupted at step {run.state.step}: {kept}. Continue with: {command}")
 
 
 # -----------------------------------------------------------------------------
@@ -608,7 +660,7 @@ def evaluate_dev(run, dev, pbar):
         for n, p in run.params.items():
             run.best[n].copy_(p.detach())
         if where.master:
-            adapters.save_adapter(run.model, run.out_dir / "adapter.pt", base=args.ckpt_dir or "SmolLM2-135M-Instruct")
+            adapters.save_adapter(run.model, run.out_dir / "adapter.pt", base=args.ckpt_dir or default_model_path())
     write_log(run, {"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
     pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
                (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
@@ -625,6 +677,7 @@ def restore(run, ckpt):
     """The adapter, AdamW's moments, the allocator and the run state, as they were when ckpt.pt was written; then
     log.jsonl, cut back to what that checkpoint had logged, is opened for appending."""
     if ckpt is not None:
+        runs.check_checkpoint(ckpt, run.out_dir / "ckpt.pt", run.params)
         for n, p in run.params.items():
             p.data.copy_(ckpt["adapter"][n])
             run.best[n].copy_(ckpt["best_adapter"][n])
@@ -632,9 +685,8 @@ def restore(run, ckpt):
         if run.allocator:
             run.allocator.load_state_dict(ckpt["allocator"])
         run.state = RunState(**ckpt["state"])
-        if run.where.master and (run.out_dir / "log.jsonl").exists():
-            with open(run.out_dir / "log.jsonl", "r+b") as f:
-                f.truncate(ckpt["log_bytes"])  # lines written after the checkpoint will be written again
+        if run.where.master:
+            runs.cut_log(run.out_dir / "log.jsonl", ckpt["log_bytes"])  # lines after the checkpoint come again
             print(f"resumed {run.out_dir} at step {run.state.step}" + " (training finished)" * run.state.done)
     if run.where.world > 1:  # every process starts from rank 0's adapter (the same seed gives the same one)
         for p in run.params.values():
@@ -655,22 +707,21 @@ def save_checkpoint(run):
                 "best_adapter": {n: t.cpu() for n, t in run.best.items()},
                 "optimizer": run.optimizer.state_dict(), "state": asdict(run.state),
                 "allocator": run.allocator.state_dict() if run.allocator else None,
-                "log_bytes": run.log.tell(), "settings": run.settings}
+                "log_bytes": run.log.tell(), "settings": run.settings, "inputs": run.inputs}
         atomic_write(run.out_dir / "ckpt.pt", lambda tmp: torch.save(ckpt, tmp))
+        run.saved_step = run.state.step
 
 
 # -----------------------------------------------------------------------------
 # evaluation by generation
 
 
-def evaluate(run, splits, train, dev, folder, to_score):
+def evaluate(run, splits, prompts, max_new_tokens, folder, to_score):
     """The best adapter generates answers to the prompts of the splits to_score (beam 3 in the paper); their
     metrics. predictions.jsonl keeps the predictions of other splits, scored by an earlier call."""
-    args, model, tokenizer, where = run.args, run.model, run.tokenizer, run.where
+    args, model, where = run.args, run.model, run.where
     for n, p in run.params.items():
         p.data.copy_(run.best[n])
-    # room for the longest answer seen in training or dev (EOS included); 32 when there is none (SQuAD's test only)
-    max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
     model.eval()
     t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
     for split in to_score:
@@ -678,9 +729,7 @@ def evaluate(run, splits, train, dev, folder, to_score):
         if not records:  # SQuAD prepared without its training file has no dev split
             results[split] = None
             continue
-        prompts = [truncate_left(tokenizer.encode(r["prompt"]), model.args.max_seq_len - max_new_tokens,
-                                 tokenizer.bos_id) for r in records]
-        preds = generate_all(run, prompts, max_new_tokens, split, metric.stop)
+        preds = generate_all(run, prompts[split], max_new_tokens, split, metric.stop)
         results[split] = metric(preds, records)
         predictions += [{"split": split, "id": r.get("id"), "prediction": p, "target": r["target"]}
                         for r, p in zip(records, preds)]
@@ -735,5 +784,8 @@ def all_reduce_adapter_grads(params, stats):
 if __name__ == "__main__":
     try:
         main()
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -14,6 +14,7 @@ unknown task) raises errors.UserError, naming the file, the line and the fix.
 """
 import argparse
 import collections
+import errno
 import gzip
 import importlib
 import json
@@ -38,21 +39,45 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
 # -----------------------------------------------------------------------------
 # helpers shared by the data/<task>/prepare.py scripts
 
+TEMPORARY = ".para-tmp"  # the suffix of the project's temporary files: no other program's files end so
+
+
 def tmp_name(path):
-    """The temporary file a write of `path` goes to first: same folder, so that os.replace is atomic."""
+    """The temporary file a write of `path` goes to first: same folder, so that os.replace is atomic; named after
+    path, this process and a random token, with a suffix of the project's own (is_temporary)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}{TEMPORARY}")
+
+
+def is_temporary(candidate, path) -> bool:
+    """Whether `candidate` is a temporary file that a write of `path` made (a process killed mid-write leaves it)."""
+    pattern = rf"\.{re.escape(Path(path).name)}\.\d+-[0-9a-f]{{8}}{re.escape(TEMPORARY)}"
+    return Path(candidate).parent == Path(path).parent and re.fullmatch(pattern, Path(candidate).name) is not None
 
 
 def atomic_write(path, write):
     """write(tmp_path), then rename it over path: a crash at any moment leaves either the old file or the new one.
-    Every file the project writes (splits, adapters, checkpoints, logs of results) goes through here."""
-    tmp = tmp_name(path)
+    Every file the project writes (splits, adapters, checkpoints, logs of results) goes through here. A full disk
+    is a UserError that says the old file is intact."""
+    path, tmp = Path(path), tmp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if not (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free_bytes(path.parent) < 1 << 20):
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"the disk holding {path.parent} is full ({free_bytes(path.parent) >> 20} MiB free) while "
+                        f"writing {path.name}: {kept}. Free some space, then run the command again (train.py: "
+                        "with --resume)") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def free_bytes(folder) -> int:
+    """Bytes free for this user on the disk that holds folder."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 def download(url, dest):
@@ -86,6 +111,8 @@ def read_source(src, name, optional=False):
     holds COPA/train.jsonl); `where` names the file in messages. A missing file is a UserError, or gives ("", None)
     when optional."""
     src = Path(src)
+    if src.exists() and not (src.is_dir() or src.is_file()):  # a FIFO or a device: reading it could wait forever
+        raise UserError(f"--src {src} is neither a folder nor a regular file; give the folder or zip that holds {name}")
     if src.is_dir():
         hit = _pick([p.relative_to(src).as_posix() for p in [*src.glob("*"), *src.glob("*/*")] if p.is_file()], name)
         raw = (src / hit).read_bytes() if hit else None
@@ -294,6 +321,10 @@ def _problem(record):
             return f'"{key}" must be a string, got {JSON_TYPES[type(record[key])]}'
         if not record[key]:
             return f'"{key}" is empty; give the text the model reads ("prompt") and must write ("target")'
+        try:
+            record[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\\ud800" written by a tool that split a pair
+            return f'"{key}" holds a lone surrogate (character {e.start}), which is not text; fix that character'
     if "label" in record and not isinstance(record["label"], str):
         return f'"label" must be a string (the label word), got {JSON_TYPES[type(record["label"])]}'
     answers = record.get("answers", [""])

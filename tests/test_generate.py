@@ -337,11 +337,19 @@ def test_cli_serves_each_prompts_file_line_with_its_own_adapter(method, settings
                         for p, _ in lines]  # the adapters matter
 
 
-def test_cli_refuses_prompts_with_and_without_adapters_mixed(tiny_dir, adapter_paths, tmp_path, capsys):
+def test_cli_serves_lines_without_an_adapter_from_the_base_model_beside_lines_with_one(tiny_dir, adapter_paths,
+                                                                                       tmp_path, capsys):
     path = tmp_path / "prompts.jsonl"
-    path.write_text(json.dumps({"prompt": "w5", "adapter": adapter_paths[0]}) + "\nw6 w7\n")
-    code, _, err = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(path)], capsys)
-    assert code == 2 and "--adapter" in err
+    path.write_text(json.dumps({"prompt": "w5 w6", "adapter": adapter_paths[0]}) + "\nw6 w7\n")
+    code, out, _ = run_cli(["--ckpt_dir", str(tiny_dir), "--prompts_file", str(path), "--max_new_tokens", "6",
+                            "--json"], capsys)
+    assert code == 0
+    tokens = [json.loads(line)["tokens"] for line in out.splitlines()]
+    base, tokenizer = load(str(tiny_dir))
+    adapted, _ = with_adapters(tiny_dir, [adapter_paths[0]])
+    assert tokens[1] == generate.generate(base, tokenizer, [tokenizer.encode("w6 w7")], max_new_tokens=6)[0].tokens
+    assert tokens[0] == generate.generate(adapted, tokenizer, [tokenizer.encode("w5 w6")], max_new_tokens=6)[0].tokens
+    assert tokens[0] != generate.generate(base, tokenizer, [tokenizer.encode("w5 w6")], max_new_tokens=6)[0].tokens
 
 
 # -----------------------------------------------------------------------------
@@ -357,9 +365,10 @@ def prompts_file(tmp_path):
 
 
 def run_cli(argv, capsys):
-    """(exit code, stdout, stderr) of generate.main(argv), in this process."""
+    """(exit code, stdout, stderr) of generate.main(argv), in this process; in fp32 unless argv says otherwise (auto
+    would be bf16 on a CPU with native bf16)."""
     try:
-        generate.main(argv)
+        generate.main(argv if "--dtype" in argv else [*argv, "--dtype", "fp32"])
         code = 0
     except SystemExit as e:
         code = e.code

@@ -98,9 +98,10 @@ def tiny_model(tmp_path_factory):
 
 
 def flags(task, model, out_dir, method="para", *extra):
-    """Tiny-run defaults: 15 epochs of 6 steps, dev loss every 30 steps, greedy evaluation; rank 4 (AdaLoRA: 4 to 2)."""
+    """Tiny-run defaults: 15 epochs of 6 steps, dev loss every 30 steps, greedy evaluation; rank 4 (AdaLoRA: 4 to 2);
+    fp32 on every CPU (--dtype auto would be bf16 on CPUs that have it natively)."""
     return ["--task", str(task), "--ckpt_dir", str(model), "--out_dir", str(out_dir), "--method", method,
-            "--r", "4", "--lr", str(LR.get(method, 1e-4)), "--epochs", "15", "--eval_interval", "30", "--num_beams", "1",
+            "--dtype", "fp32", "--r", "4", "--lr", str(LR.get(method, 1e-4)), "--epochs", "15", "--eval_interval", "30", "--num_beams", "1",
             *(["--adalora_target_r", "2"] if method == "adalora" else []), *map(str, extra)]
 
 
@@ -145,7 +146,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_strictly_lowe
 def test_tokenize_gives_the_prompt_ids_generation_sees_and_a_target_ending_with_eos(tiny_model):
     _, tokenizer = load(str(tiny_model))
     record = {"prompt": "red cat owl Answer:", "target": " B"}
-    [(prompt, target)], n_truncated = train.tokenize([record], tokenizer, max_seq_len=64)
+    [(prompt, target)], n_truncated, _ = train.tokenize([record], tokenizer, max_seq_len=64)
     assert prompt == tokenizer.encode(record["prompt"]) and prompt[0] == tokenizer.bos_id
     assert target[-1] == tokenizer.eos_id and n_truncated == 0
     assert tokenizer.decode(prompt + target[:-1]) == record["prompt"] + record["target"]
@@ -155,7 +156,7 @@ def test_long_examples_lose_prompt_tokens_from_the_left_keeping_bos_and_the_targ
     _, tokenizer = load(str(tiny_model))
     record = {"prompt": "red cat owl blue dog fox gold Answer:", "target": " A"}
     full_prompt = tokenizer.encode(record["prompt"])  # BOS + 8 words
-    [(prompt, target)], n_truncated = train.tokenize([record], tokenizer, max_seq_len=6)
+    [(prompt, target)], n_truncated, _ = train.tokenize([record], tokenizer, max_seq_len=6)
     assert n_truncated == 1 and len(prompt) + len(target) == 6
     assert prompt == [tokenizer.bos_id] + full_prompt[-3:]  # "fox gold Answer:"
     assert tokenizer.decode(target[:-1]) == "A"
@@ -177,7 +178,7 @@ def test_collate_right_pads_and_trains_on_target_tokens_only():
 @pytest.mark.parametrize("method", ["para", "ia3", "lora", "adalora", "houlsby"])
 def test_a_short_run_lowers_the_dev_loss_and_answers_well_above_chance(method, tiny_task, tiny_model, tmp_path):
     model, tokenizer = load(str(tiny_model))
-    dev, _ = train.tokenize(train.load_split(tiny_task, "dev"), tokenizer, 64)
+    dev, _, _ = train.tokenize(train.load_split(tiny_task, "dev"), tokenizer, 64)
     loss, count = train.target_loss(model, dev, 16, tokenizer.pad_id, "cpu")
     base_dev_loss = (loss / count).item()
 
@@ -232,7 +233,7 @@ def test_the_loss_at_the_answer_positions_only_has_the_loss_and_gradients_of_eve
         for name, p in model.named_parameters():
             if adapters.is_adapter_param(name):
                 p.normal_(std=0.1)
-    examples, _ = train.tokenize(train.load_split(tiny_task, "train")[:8], tokenizer, 64)
+    examples, _, _ = train.tokenize(train.load_split(tiny_task, "train")[:8], tokenizer, 64)
     tokens, targets, prompt_len = train.collate(examples, tokenizer.pad_id, "cpu")
     assert (targets == -100).float().mean() > 0.5  # most positions are prompt or padding: there is work to skip
     losses, grads = [], []
@@ -324,11 +325,11 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     with pytest.raises(Killed):
         train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS))
     monkeypatch.undo()
-    (tmp_path / "out" / ".ckpt.pt.99999.tmp").write_bytes(b"\x80garbage")  # what a real kill leaves behind
+    (tmp_path / "out" / ".ckpt.pt.99999-0badf00d.para-tmp").write_bytes(b"\x80garbage")  # what a real kill leaves
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["state"]["step"] == 4  # the first, intact
     train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", *RESUME_FLAGS, "--resume"))
     assert_same_run(tmp_path / "out", uninterrupted("para"), tiny_model)
-    assert not list((tmp_path / "out").glob("*.tmp*"))
+    assert not list((tmp_path / "out").glob("*.para-tmp"))
 
 # -----------------------------------------------------------------------------
 # failures and refusals
@@ -525,13 +526,14 @@ def test_a_fresh_run_refuses_a_folder_holding_any_file_of_another_run(earlier, t
 def test_a_run_deletes_only_the_files_it_writes_itself(tiny_task, tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    mine = {"thesis.tmp.docx": "chapter 1", "page.tmpl": "<html>", "notes.jsonl": "{}", ".adapter.pt.99.tmp": "half"}
+    mine = {"thesis.tmp.docx": "chapter 1", "page.tmpl": "<html>", "notes.jsonl": "{}", ".adapter.pt.99.tmp": "mine"}
     for name, text in mine.items():
         (out / name).write_text(text)
+    (out / ".adapter.pt.99-0badf00d.para-tmp").write_text("half")  # a temporary file of ours, left by a killed write
     (out / "log.jsonl").write_text("an old log\n")
     train.main(flags(tiny_task, tiny_model, out, "para", "--max_steps", 2, "--limit_eval", 2, "--overwrite"))
-    assert all((out / name).read_text() == text for name, text in mine.items() if not name.startswith("."))
-    assert not (out / ".adapter.pt.99.tmp").exists()  # a temporary file of ours, left by a killed write
+    assert all((out / name).read_text() == text for name, text in mine.items())  # a user's ".adapter.pt.99.tmp" too
+    assert not (out / ".adapter.pt.99-0badf00d.para-tmp").exists()
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2, 2]  # the old log is gone, not appended to
 
 
