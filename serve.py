@@ -1,0 +1,652 @@
+"""
+Serve many tenants' adapters on one backbone over HTTP, with continuous batching: the setting PARA was made for.
+
+    python serve.py --adapter copa=out/copa-para/adapter.pt --adapter boolq=out/boolq-para/adapter.pt
+    curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "copa", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
+
+An OpenAI-compatible API (POST /v1/completions and /v1/chat/completions, GET /v1/models and /health); a request's
+"model" names an adapter, or the base model. There is no authentication: keep the server on 127.0.0.1, or behind a
+proxy that authenticates.
+
+Four pieces, and the data flows one way through them (nano-vllm's shape):
+- Request: one completion, with its options, its own sampler, and a queue its HTTP thread reads events from. It
+  moves from waiting to running to finished.
+- Engine.admit, the scheduler: first in, first out, the waiting request at the head joins the running batch as soon
+  as a row and the cache have room for it (so no request waits forever), after its own prefill: its keys and values,
+  and under PARA its vectors, are computed alone, then copied into the batch.
+- Batch: the running requests as one left-padded batch over one KV cache, as in generate.py. Every row ends at the
+  same column c, each decode step writes one token per row there, and a row's padding is the columns before its
+  prompt: so each row has its own length. A new row's prompt goes to the columns just before c (all rows move
+  right first if it is longer than c, or left by the padding they share when the cache's end is near); rows leave
+  as soon as they finish.
+- Engine.step, the iteration: one decode step for every running row, then each row samples its next token with its
+  own options. PARA only multiplies by the vectors each row's prefill stored: its vector generator never runs here.
+The HTTP layer (Handler) is thin: it checks a request, queues it, and writes back what the engine sends.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import adapters
+import generate
+from errors import UserError
+from generate import KVCache, Options, cut_at_stop, sample, stop_at
+from loaders import DTYPES, default_model_path, load, model_name, pick_device, resolve_dtype
+
+BASE = 0  # the bank's row 0 is a fresh adapter, the identity: requests for the base model use it
+
+# -----------------------------------------------------------------------------
+# A request, from waiting to running to finished
+
+
+@dataclass
+class Request:
+    prompt: list  # token ids
+    options: Options  # max_new_tokens, temperature, top_p, seed, stop, eos_id
+    model: str  # the name the client asked for: an adapter's, or the base model's
+    adapter: int = BASE  # its row of the adapter bank, set when the engine admits it
+    chat: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    events: queue.Queue = field(default_factory=queue.Queue)  # from the engine: ("text", delta), ("done", reason)
+    tokens: list = field(default_factory=list)  # the generated ids, EOS excluded
+    sent: int = 0  # characters of the text already sent
+    generator: Optional[torch.Generator] = None  # its own sampler: seeded, it draws what generate.py draws
+    cancelled: bool = False  # the client went away: the engine drops the request at its next step
+    next_token: Optional[int] = None  # the token sampled last, which the next decode step feeds
+
+
+# -----------------------------------------------------------------------------
+# The running requests: one left-padded batch over one KV cache, every row ending at column c
+
+
+class Batch:
+    def __init__(self, model, max_batch, max_len):
+        a, weight = model.args, model.tok_embeddings.weight
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cache = KVCache(a.n_layers, max_batch, max_len, a.n_kv_heads, a.head_dim, weight.device, weight.dtype)
+        self.rows: list[Request] = []
+        self.ends: list[int] = []  # the column each row's writes end before: where it joined + max_new_tokens - 1
+        self.c = 0  # the column the next decode step writes, the same for every row
+
+    def join_column(self, request) -> Optional[int]:
+        """The column c would be when the request joins, or None if it cannot join now. It joins at c if its prompt
+        fits before c, further right if the prompt is longer (every row moves right), further left if the cache's
+        end is near (every row moves left by the padding they share); the rows' writes must stay inside the cache."""
+        if len(self.rows) == self.max_batch:
+            return None
+        L, m = len(request.prompt), request.options.max_new_tokens
+        shared = int(self.cache.pad_len.min()) if self.rows else self.c  # every row has this much padding
+        for c in (max(self.c, L), max(self.c - shared, L)):
+            if c + m - 1 <= self.max_len and all(end + c - self.c <= self.max_len for end in self.ends):
+                return c
+        return None
+
+    def move(self, d):
+        """Every row moves d columns (left when d < 0), with its keys, values and padding."""
+        if self.rows and d:
+            B, first = len(self.rows), int(self.cache.pad_len.min())
+            for t in self.cache.k + self.cache.v:
+                t[:B, :, first + d:self.c + d] = t[:B, :, first:self.c].clone()
+            self.cache.pad_len += d
+            self.ends = [end + d for end in self.ends]
+        self.c += d
+
+    def join(self, request, prefill, column):
+        """A prefilled request becomes the last row: its prompt's keys and values go to the columns just before c,
+        its per-row state (padding, adapter, PARA's vectors) after the other rows'."""
+        self.move(column - self.c)
+        B, L, c = len(self.rows), len(request.prompt), self.c
+        for mine, its in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
+            mine[B, :, c - L:c] = its[0, :, :L]
+        cache, device = self.cache, self.cache.k[0].device
+        rows = lambda old, new: new if B == 0 else torch.cat([old, new])
+        cache.pad_len = rows(cache.pad_len, torch.tensor([c - L], device=device))
+        cache.adapter_ids = rows(cache.adapter_ids, torch.tensor([request.adapter], device=device))
+        cache.vectors = {layer: tuple(map(rows, cache.vectors.get(layer, (None,) * 3), its))
+                         for layer, its in prefill.vectors.items()}
+        self.rows.append(request)
+        self.ends.append(c + request.options.max_new_tokens - 1)
+
+    def keep(self, rows):
+        """Only the rows `rows` (indices, in order) stay; an empty batch starts again at column 0."""
+        if len(rows) < len(self.rows):
+            self.cache.len = self.c  # the columns KVCache.reorder moves
+            self.cache.reorder(rows)
+            self.rows, self.ends = [self.rows[i] for i in rows], [self.ends[i] for i in rows]
+        if not self.rows:
+            self.c, self.cache.vectors = 0, {}
+
+
+# -----------------------------------------------------------------------------
+# The engine: admission (the scheduler), prefill, decode steps
+
+
+class Overloaded(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits nothing new (HTTP 503)."""
+
+
+class Engine:
+    def __init__(self, model, tokenizer, bank, max_batch=16, max_len=2048, max_waiting=64):
+        self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.batch = Batch(model, max_batch, max_len)
+        self.waiting = collections.deque()
+        self.max_waiting = max_waiting
+        self.wake = threading.Condition()
+        self.draining = self.stopped = False
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+
+    def submit(self, request):
+        with self.wake:
+            if self.draining:
+                raise Draining()
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded()
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def busy(self):
+        return bool(self.waiting or self.batch.rows)
+
+    def run(self):
+        """The engine's one loop: admit what fits, then one decode step for every running row."""
+        while True:
+            with self.wake:
+                while not self.busy() and not self.stopped:
+                    self.wake.wait()
+                if self.stopped and not self.busy():
+                    return
+            try:
+                self.admit()
+                if self.batch.rows:
+                    self.step()
+            except Exception as e:  # a fault in the engine fails the running requests only; the server serves on
+                self.fail(self.batch.rows, e)
+                self.batch.keep([])
+
+    def admit(self):
+        """First in, first out: the head of the queue joins when it fits; nothing overtakes it."""
+        while True:
+            with self.wake:
+                while self.waiting and self.waiting[0].cancelled:
+                    self.waiting.popleft()
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                if request.adapter is None:  # a named adapter not in the bank yet (--adapter_dir)
+                    if not self.bank.load(request.model, self.in_use()):
+                        return  # every row of the bank serves a running request: wait for one to finish
+                    request.adapter = self.bank.rows[request.model]
+                column = self.batch.join_column(request)
+                if column is None:
+                    return
+                self.waiting.popleft()
+            try:
+                self.prefill(request, column)
+            except Exception as e:  # a fault in the engine fails this request only
+                self.fail([request], e)
+
+    def fail(self, requests, e):
+        for r in requests:
+            r.events.put(("error", f"internal error in the engine: {type(e).__name__}: {e}"))
+
+    def in_use(self):
+        return {r.model for r in self.batch.rows} | {r.model for r in self.waiting}
+
+    @torch.inference_mode()
+    def prefill(self, request, column):
+        """The request's prompt alone, as generate.py runs one prompt: its keys and values, PARA's vectors, and the
+        logits of its first token; then, unless that token ends it, it joins the batch."""
+        o, a, weight = request.options, self.model.args, self.model.tok_embeddings.weight
+        cache = KVCache(a.n_layers, 1, len(request.prompt), a.n_kv_heads, a.head_dim, weight.device, weight.dtype,
+                        adapter_ids=torch.tensor([request.adapter], device=weight.device))
+        logits = generate.prefill(self.model, torch.tensor([request.prompt], device=weight.device), cache)
+        if o.seed is not None:
+            request.generator = torch.Generator(weight.device).manual_seed(o.seed)
+        if self.advance(request, logits):
+            self.batch.join(request, cache, column)
+
+    @torch.inference_mode()
+    def step(self):
+        """One decode step of every running row at column c, then each row's next token."""
+        batch = self.batch
+        rows = [i for i, r in enumerate(batch.rows) if not r.cancelled]
+        batch.keep(rows)
+        if not batch.rows:
+            return
+        tokens = torch.tensor([r.next_token for r in batch.rows], device=batch.cache.k[0].device)
+        logits = generate.decode_step(self.model, tokens, batch.c, batch.cache)  # (B, vocab)
+        batch.c += 1
+        batch.keep([i for i, r in enumerate(batch.rows) if self.advance(r, logits[i:i + 1])])
+
+    def advance(self, request, logits):
+        """Sample the request's next token from its logits (1, vocab), as generate.sample_tokens does, and send
+        the text it adds. Returns whether the request goes on."""
+        o = request.options
+        token = int(sample(logits, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                           generator=request.generator))
+        if token == o.eos_id:
+            return self.finish(request, "stop")
+        request.tokens.append(token)
+        text = self.tokenizer.decode(request.tokens)
+        if o.stop and stop_at(text, o.stop) is not None:
+            return self.finish(request, "stop")
+        if len(request.tokens) == o.max_new_tokens:
+            return self.finish(request, "length")
+        # send only whole characters, and nothing that may begin a stop string
+        hold = max((len(s) for s in o.stop or []), default=1) - 1
+        safe = len(text.rstrip("\ufffd")) - hold
+        if safe > request.sent:
+            request.events.put(("text", text[request.sent:safe]))
+            request.sent = safe
+        request.next_token = token
+        return True
+
+    def finish(self, request, reason):
+        text = cut_at_stop(self.tokenizer.decode(request.tokens), request.options.stop)
+        if len(text) > request.sent:
+            request.events.put(("text", text[request.sent:]))
+        request.events.put(("done", reason))
+        return False
+
+    def drain(self, seconds):
+        """Admit nothing more; wait (at most `seconds`) for the requests in flight to finish."""
+        with self.wake:
+            self.draining = True
+        deadline = time.time() + seconds
+        while self.busy() and time.time() < deadline:
+            time.sleep(0.05)
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+
+
+# -----------------------------------------------------------------------------
+# The adapters: one bank, row 0 the base model, named adapters pinned, --adapter_dir's loaded on first use
+
+
+class Bank:
+    def __init__(self, model, named, adapter_dir=None, max_adapters=8, base=None, any_base=False):
+        """named: {name: path}, loaded now and kept; adapter_dir: NAME.pt files loaded on first use, at most
+        max_adapters at a time, the least recently used (and unused) evicted."""
+        self.model, self.dir, self.base, self.any_base = model, adapter_dir, base, any_base
+        files = dict(named)
+        if adapter_dir and not files:  # the bank's method and config come from the first file
+            first = next(iter(sorted(Path(adapter_dir).glob("*.pt"))), None)
+            if first is None:
+                raise UserError(f"--adapter_dir {adapter_dir} holds no NAME.pt adapter file")
+            files[first.stem] = str(first)
+        self.named, self.pinned = list(named), set(named)
+        n_rows = 1 + len(named) + (max_adapters if adapter_dir else 0)
+        self.rows, self.used = {}, collections.OrderedDict()  # name -> bank row; name -> None, oldest first
+        self.free = list(range(1 + len(named), n_rows))
+        if not files:
+            return  # the base model alone
+        payloads = {name: adapters.read_adapter_file(path) for name, path in files.items()}
+        self.config = next(iter(payloads.values()))["config"]
+        for name, p in payloads.items():
+            if p["config"] != self.config:
+                raise UserError(f"adapter {name!r} is a {p['config']} adapter, {next(iter(payloads))!r} a "
+                                f"{self.config} one: one server serves one method and config (one bank)")
+        settings = dict(self.config)
+        adapters.add_adapter(model, settings.pop("method"), n_adapters=n_rows, **settings)  # each the identity
+        for row, name in enumerate(named, start=1):
+            self.fill(row, files[name], payloads[name])
+            self.rows[name] = row
+
+    def fill(self, row, path, payload=None):
+        """Adapter file `path` into bank row `row`, checked against this bank and this base model."""
+        payload = payload or adapters.read_adapter_file(path)
+        if payload["config"] != self.config:
+            raise UserError(f"{path} is a {payload['config']} adapter; this server's bank holds {self.config}")
+        adapters.check_adapter_file(path, payload, self.model.args, self.base, self.any_base)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, t in payload["tensors"].items():
+                params[k][row].copy_(t)
+
+    def names(self):
+        """Every adapter this server can serve: the named ones, and --adapter_dir's files."""
+        found = sorted(p.stem for p in Path(self.dir).glob("*.pt")) if self.dir else []
+        return [*self.named, *(n for n in found if n not in self.pinned)]
+
+    def known(self, name):
+        return name in self.rows or bool(self.dir and (Path(self.dir) / f"{name}.pt").is_file())
+
+    def load(self, name, in_use):
+        """Put adapter `name` in a row (already there, a free row, or the least recently used row no request
+        uses). Returns False when every row serves a request."""
+        if name in self.rows:
+            self.used.pop(name, None)
+            if name not in self.pinned:
+                self.used[name] = None
+            return True
+        if not self.free:
+            idle = next((n for n in self.used if n not in in_use), None)
+            if idle is None:
+                return False
+            self.free.append(self.rows.pop(idle))
+            del self.used[idle]
+        row = self.free.pop()
+        self.fill(row, Path(self.dir) / f"{name}.pt")
+        self.rows[name], self.used[name] = row, None
+        return True
+
+
+# -----------------------------------------------------------------------------
+# HTTP: OpenAI's completions and chat completions, thin over the engine
+
+
+class BadRequest(Exception):
+    def __init__(self, status, message, param=None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n"}
+ACCEPTED = {"/v1/completions": COMMON | {"prompt"}, "/v1/chat/completions": COMMON | {"messages",
+                                                                                      "max_completion_tokens"}}
+ROLES = ("system", "user", "assistant")
+
+
+def number(body, key, kind, low, high, default, low_open=False):
+    """body[key] as a finite number of `kind` in [low, high] ((low, high] if low_open), or the default."""
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or \
+            not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise BadRequest(400, f"{key!r} must be {'a number' if kind is float else 'an integer'} in {interval}, got "
+                              f"{json.dumps(value)[:40]}", key)
+    return kind(value)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # connections the OS holds before accept(): many clients arrive at once
+
+    def __init__(self, address, engine, base_name, max_tokens):
+        super().__init__(address, Handler)
+        self.engine, self.base_name, self.max_tokens = engine, base_name, max_tokens
+        self.in_flight = 0
+        self.count = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def log_message(self, format, *args):  # one line per request on stderr, as the standard server does, but terse
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    def send_json(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, status, message, param=None):
+        kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+                503: "service_unavailable"}.get(status, "server_error")
+        self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    def do_GET(self):
+        server = self.server
+        if self.path == "/health":
+            self.send_json(200, {"status": "ok", "waiting": len(server.engine.waiting),
+                                 "running": len(server.engine.batch.rows)})
+        elif self.path == "/v1/models":
+            names = [server.base_name, *server.engine.bank.names()]
+            self.send_json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+                                                             "owned_by": "local"} for n in names]})
+        else:
+            self.send_error_json(404, f"no such path {self.path[:80]!r}: GET /health or /v1/models")
+
+    def do_POST(self):
+        if self.path not in ACCEPTED:
+            return self.send_error_json(404, f"no such path {self.path[:80]!r}: POST /v1/completions or "
+                                             "/v1/chat/completions")
+        with self.server.count:
+            self.server.in_flight += 1
+        try:
+            try:
+                request, stream = self.parse()
+                self.server.engine.submit(request)
+            except BadRequest as e:
+                return self.send_error_json(e.status, str(e), e.param)
+            except Overloaded:
+                return self.send_error_json(429, "too many requests are waiting: try again later")
+            except Draining:
+                return self.send_error_json(503, "the server is shutting down")
+            try:
+                self.stream(request) if stream else self.answer(request)
+            except (BrokenPipeError, ConnectionResetError):  # the client went away: its request stops at the next step
+                request.cancelled = True
+        finally:
+            with self.server.count:
+                self.server.in_flight -= 1
+
+    def parse(self):
+        """The body, checked: a Request and whether to stream. Every field is checked; unknown ones are refused."""
+        server = self.server
+        try:
+            size = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(size), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        except ValueError as e:
+            raise BadRequest(400, f"the body is not valid JSON ({str(e)[:80]}); NaN and Infinity are not numbers")
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - ACCEPTED[self.path])
+        if unknown:
+            raise BadRequest(400, f"unsupported parameter(s): {', '.join(unknown)[:200]}", unknown[0])
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise BadRequest(400, "'model' must be a string: the base model's name or an adapter's", "model")
+        if name != server.base_name and not server.engine.bank.known(name):
+            raise BadRequest(404, f"no model or adapter named {name[:80]!r}: GET /v1/models lists them", "model")
+        if number(body, "n", int, 1, 1, 1) != 1:
+            raise BadRequest(400, "'n' must be 1", "n")
+        chat = self.path == "/v1/chat/completions"
+        tokenizer = server.engine.tokenizer
+        if chat:
+            messages = body.get("messages")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and set(m) <= {"role", "content", "name"} and m.get("role") in ROLES and
+                    isinstance(m.get("content"), str) for m in messages)):
+                raise BadRequest(400, "'messages' must be a non-empty list of {\"role\": \"system\"|\"user\"|"
+                                      "\"assistant\", \"content\": string}", "messages")
+            try:
+                prompt = tokenizer.format_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+            except UserError as e:
+                raise BadRequest(400, str(e), "messages")
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise BadRequest(400, "'prompt' must be a non-empty string", "prompt")
+            prompt = tokenizer.encode(text)
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and not (isinstance(stop, list) and 0 < len(stop) <= 4 and
+                                     all(isinstance(s, str) and s for s in stop)):
+            raise BadRequest(400, "'stop' must be a non-empty string or a list of 1 to 4 of them", "stop")
+        context = server.engine.batch.max_len
+        limit = number(body, "max_completion_tokens", int, 1, context, None) if chat else None
+        max_tokens = number(body, "max_tokens", int, 1, context, limit or (server.max_tokens if chat else 16))
+        options = Options(max_new_tokens=max_tokens, stop=stop, eos_id=tokenizer.eos_id,
+                          temperature=number(body, "temperature", float, 0, 2, 1.0),
+                          top_p=number(body, "top_p", float, 0, 1, 1.0, low_open=True),
+                          seed=number(body, "seed", int, 0, 2**63 - 1, None))
+        if len(prompt) + max_tokens > context:
+            raise BadRequest(400, f"the prompt has {len(prompt)} tokens; with max_tokens {max_tokens} that is "
+                                  f"{len(prompt) + max_tokens}, more than this server's context of {context}: "
+                                  "shorten the prompt or ask for fewer tokens", "max_tokens")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(400, "'stream' must be true or false", "stream")
+        adapter = BASE if name == server.base_name else server.engine.bank.rows.get(name)  # None: load on admission
+        return Request(prompt, options, name, adapter=adapter, chat=chat), stream
+
+    def events(self, request):
+        """The engine's events for this request, until it is done; an error ends it with a 500."""
+        while True:
+            kind, value = request.events.get()
+            if kind == "error":
+                raise RuntimeError(value)
+            yield kind, value
+            if kind == "done":
+                return
+
+    def body(self, request, text, reason):
+        chat, n_prompt, n_new = request.chat, len(request.prompt), len(request.tokens)
+        choice = {"index": 0, "finish_reason": reason}
+        choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + request.id, "created": request.created,
+                "object": "chat.completion" if chat else "text_completion", "model": request.model,
+                "choices": [choice], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
+                                               "total_tokens": n_prompt + n_new}}
+
+    def answer(self, request):
+        parts, reason = [], None
+        try:
+            for kind, value in self.events(request):
+                if kind == "text":
+                    parts.append(value)
+                else:
+                    reason = value
+        except RuntimeError as e:
+            return self.send_error_json(500, str(e))
+        self.send_json(200, self.body(request, "".join(parts), reason))
+
+    def stream(self, request):
+        """Server-sent events: a chunk per piece of text, a last chunk with the finish reason, then [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        chat = request.chat
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + request.id, "created": request.created,
+                "object": "chat.completion.chunk" if chat else "text_completion", "model": request.model}
+
+        def chunk(text, reason=None):
+            choice = {"index": 0, "finish_reason": reason}
+            choice |= {"delta": {"role": "assistant", "content": text} if text or reason is None else {}} if chat \
+                else {"text": text, "logprobs": None}
+            self.wfile.write(f"data: {json.dumps(head | {'choices': [choice]})}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            for kind, value in self.events(request):
+                chunk(value) if kind == "text" else chunk("", value)
+        except RuntimeError as e:
+            self.wfile.write(f"data: {json.dumps({'error': {'message': str(e), 'code': 500}})}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    arg = p.add_argument
+    arg("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter file, served as model NAME; "
+        "repeatable (one method and config for all: they share one bank)")
+    arg("--adapter_dir", help="a folder of NAME.pt adapter files, each loaded when first asked for")
+    arg("--max_adapters", type=int, default=8, help="adapters of --adapter_dir held at once; the least recently used "
+        "one that no request uses makes room")
+    arg("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
+    arg("--any_base", action="store_true", help="serve adapters trained on other weights of the same shape")
+    arg("--host", default="127.0.0.1", help="the address to listen on (there is no authentication: keep it local, "
+        "or behind a proxy)")
+    arg("--port", type=int, default=8000, help="the port to listen on (0: a free one, printed)")
+    arg("--max_batch", type=int, default=16, help="requests decoded together at most")
+    arg("--max_len", type=int, help="positions of the batch's KV cache: a request's prompt and new tokens must fit "
+        "in it (default: the model's context, at most 2048)")
+    arg("--max_waiting", type=int, default=64, help="requests waiting at most; more get HTTP 429")
+    arg("--max_tokens", type=int, default=256, help="new tokens of a chat completion that does not say (a "
+        "completion's default is OpenAI's, 16)")
+    arg("--drain_seconds", type=float, default=30.0, help="on SIGTERM or Ctrl-C, how long the requests in flight "
+        "may take to finish")
+    arg("--device", default="auto", help="cuda, cuda:1, mps or cpu (auto: cuda when available)")
+    arg("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16, fp32 "
+        "elsewhere")
+    args = p.parse_args(argv)
+    for flag in ("max_adapters", "max_batch", "max_len", "max_waiting", "max_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.port < 65536 or not args.drain_seconds >= 0:
+        p.error("--port must lie in [0, 65535] and --drain_seconds be >= 0")
+    named = {}
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        if not name or not path or name in named:
+            p.error(f"--adapter {spec!r}: write NAME=PATH, each NAME once")
+        named[name] = path
+    args.named = named
+    return p, args
+
+
+def start(args):
+    """The model, its bank and the engine, started; then the HTTP server, not yet serving. Bad files are refused
+    here, before the server listens."""
+    for name, path in args.named.items():
+        adapters.read_adapter_file(path)  # before the model loads: a bad file is named at once
+    device = pick_device(args.device)
+    model, tokenizer = load(args.ckpt_dir, device=device, dtype=resolve_dtype(args.dtype, device))
+    base = args.ckpt_dir or default_model_path()
+    bank = Bank(model, args.named, args.adapter_dir, args.max_adapters, base, args.any_base)
+    max_len = args.max_len or min(2048, model.args.max_seq_len)
+    if max_len > model.args.max_seq_len:
+        raise UserError(f"--max_len {max_len} is more than the model's context of {model.args.max_seq_len}")
+    engine = Engine(model, tokenizer, bank, args.max_batch, max_len, args.max_waiting)
+    engine.thread.start()
+    return Server((args.host, args.port), engine, model_name(args.ckpt_dir), args.max_tokens)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        server = start(args)
+    except UserError as e:
+        parser.error(str(e))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    host, port = server.server_address[:2]
+    print(f"serving {server.base_name} and {len(server.engine.bank.rows)} adapter(s) on http://{host}:{port}/v1 "
+          "(Ctrl-C stops it)", flush=True)
+    stopping.wait()
+    print("stopping: finishing the requests in flight", flush=True)
+    server.engine.drain(args.drain_seconds)
+    deadline = time.time() + 5  # their HTTP threads write the last bytes
+    while server.in_flight and time.time() < deadline:
+        time.sleep(0.05)
+    server.shutdown()
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()

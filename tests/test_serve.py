@@ -1,0 +1,316 @@
+"""serve.py: an OpenAI-compatible server of many tenants' adapters with continuous batching. Every request's tokens
+equal generate.py's for the same prompt, adapter and seed, whatever shares the batch; bad requests get 4xx and
+the server serves on. Servers listen on 127.0.0.1 on a free port, and every wait is bounded."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapters
+import generate
+import serve
+from loaders import load
+from test_generate import adapter_files, tiny_dir  # noqa: F401 (a fixture)
+
+openai = pytest.importorskip("openai")
+TIMEOUT = 60  # seconds any one request may take
+
+
+def start_server(tiny_dir, named=(), *flags):
+    """A server of the tiny model and the adapters `named` ({name: path}), serving from a thread of this process."""
+    argv = ["--ckpt_dir", str(tiny_dir), "--port", "0", "--dtype", "fp32", *flags]
+    for name, path in dict(named).items():
+        argv += ["--adapter", f"{name}={path}"]
+    _, args = serve.parse_args(argv)
+    server = serve.start(args)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server):
+    server.engine.drain(10)
+    server.shutdown()
+    server.server_close()
+
+
+def client(server):
+    host, port = server.server_address[:2]
+    return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+
+
+def post(server, path, body, raw=None):
+    """(status, parsed JSON) of one POST, with a raw body if given."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    conn.request("POST", path, body=raw if raw is not None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data)
+
+
+def expected(tiny_dir, path, prompt, **options):
+    """generate.py's text for one prompt alone, with the adapter at `path` (None: the base model)."""
+    model, tokenizer = load(str(tiny_dir))
+    if path:
+        adapters.load_adapter(model, [path])
+    return generate.generate(model, tokenizer, [tokenizer.encode(prompt)], **options)[0].text
+
+
+PROMPTS = ["w5 w6 w7", "w9 w10 w11 w12 w13 w14 w15 w16", "w20", "w30 w31 w32 w33", "w40 w41", "w50 w51 w52 w53 w54 w55"]
+
+
+@pytest.fixture(scope="module")
+def para_files(tiny_dir, tmp_path_factory):
+    return adapter_files(tiny_dir, tmp_path_factory.mktemp("para"), "para", r=4)
+
+
+@pytest.fixture(scope="module")
+def para_server(tiny_dir, para_files):
+    server = start_server(tiny_dir, {"a": para_files[0], "b": para_files[1]}, "--max_batch", "4")
+    yield server
+    stop_server(server)
+
+
+# -----------------------------------------------------------------------------
+# exactness under concurrency
+
+
+def test_18_concurrent_greedy_requests_mixing_the_base_model_and_two_adapters_get_generate_pys_text(
+        tiny_dir, para_files, para_server):
+    names = {para_server.base_name: None, "a": para_files[0], "b": para_files[1]}
+    jobs = [(name, PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i, name in enumerate(list(names) * 6)]
+    answers = [None] * len(jobs)
+
+    def ask(i, name, prompt, n):
+        time.sleep(0.01 * (i % 5))  # staggered arrivals: some join a batch already decoding
+        answers[i] = client(para_server).completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    for (name, prompt, n), answer in zip(jobs, answers):
+        assert answer.choices[0].text == expected(tiny_dir, names[name], prompt, max_new_tokens=n), (name, prompt)
+        assert answer.usage.completion_tokens <= n and answer.model == name
+    assert len({a.choices[0].text for a in answers}) > len(PROMPTS)  # the adapters matter
+
+
+@pytest.mark.parametrize("method, settings", [("ia3", {}), ("ia3", {"targets": ["wq", "wv", "w3"]}), ("lora", {"r": 4}),
+                                              ("adalora", {"r": 4}), ("houlsby", {"size": 4})])
+def test_every_method_serves_its_tenants_exactly(method, settings, tiny_dir, tmp_path):
+    files = adapter_files(tiny_dir, tmp_path, method, **settings)
+    server = start_server(tiny_dir, {"a": files[0], "b": files[1]}, "--max_batch", "3")
+    try:
+        jobs = [(name, PROMPTS[i], 6) for i, name in enumerate(["a", "b", server.base_name, "b", "a", "a"])]
+        answers = [None] * len(jobs)
+        threads = [threading.Thread(target=lambda i=i, j=j: answers.__setitem__(i, client(server).completions.create(
+            model=j[0], prompt=j[1], max_tokens=j[2], temperature=0))) for i, j in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        paths = {"a": files[0], "b": files[1], server.base_name: None}
+        for (name, prompt, n), answer in zip(jobs, answers):
+            assert answer.choices[0].text == expected(tiny_dir, paths[name], prompt, max_new_tokens=n), (name, prompt)
+    finally:
+        stop_server(server)
+
+
+def test_a_seeded_sample_is_generate_pys_sample_whatever_shares_the_batch(tiny_dir, para_files, para_server):
+    options = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=10)
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = client(para_server).completions.create(model="a", prompt=PROMPTS[i], **options)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    for i, r in enumerate(results):
+        assert r.choices[0].text == expected(tiny_dir, para_files[0], PROMPTS[i], temperature=0.9, top_p=0.95, seed=7,
+                                             max_new_tokens=10)
+
+
+def test_streamed_text_equals_the_plain_response_for_completions_and_chat(para_server):
+    c = client(para_server)
+    plain = c.completions.create(model="b", prompt=PROMPTS[1], max_tokens=12, temperature=0).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
+        model="b", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True))
+    assert streamed == plain and plain
+
+
+def test_the_vector_generator_runs_only_at_each_requests_prefill(para_server):
+    calls = []
+    hooks = [block.vector_generator.register_forward_hook(lambda *_: calls.append(1))
+             for block in para_server.engine.model.layers]
+    try:
+        threads = [threading.Thread(target=lambda p=p: client(para_server).completions.create(
+            model="a", prompt=p, max_tokens=8, temperature=0)) for p in PROMPTS[:3]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 3 * len(para_server.engine.model.layers)  # 3 prefills; the decode steps only multiply
+
+
+def test_models_and_health(para_server):
+    names = [m.id for m in client(para_server).models.list().data]
+    assert names == [para_server.base_name, "a", "b"]
+    host, port = para_server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+
+
+# -----------------------------------------------------------------------------
+# bad requests get 4xx, and the server serves on
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (None, 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"model": "a", "prompt": 5}, 400, "'prompt' must be"),
+    ({"model": "nobody", "prompt": "w5"}, 404, "no model or adapter named 'nobody'"),
+    ({"model": "a", "prompt": " ".join(["w5"] * 70)}, 400, "more than this server's context"),
+    ({"model": "a", "prompt": "w5", "max_tokens": -1}, 400, "'max_tokens' must be"),
+    ({"model": "a", "prompt": "w5", "max_tokens": 0}, 400, "'max_tokens' must be"),
+    ({"model": "a", "prompt": "w5", "temperature": -0.5}, 400, "'temperature' must be"),
+    ({"model": "a", "prompt": "w5", "top_p": 0}, 400, "'top_p' must be"),
+    ({"model": "a", "prompt": "w5", "logprobs": 3}, 400, "unsupported parameter(s): logprobs"),
+    ({"model": "a", "prompt": "w5", "n": 2}, 400, "'n' must be"),
+    ({"model": "a", "prompt": "w5", "stop": [""]}, 400, "'stop' must be"),
+])
+def test_a_bad_request_gets_an_openai_style_error_and_the_server_serves_on(body, status, words, para_server):
+    raw = b'{"model": "a", "prompt": "w5",' if body is None else None
+    got, answer = post(para_server, "/v1/completions", body, raw)
+    assert got == status and words in answer["error"]["message"]
+    assert client(para_server).completions.create(model="a", prompt="w5", max_tokens=2, temperature=0).choices
+
+
+def test_nan_is_refused(para_server):
+    got, answer = post(para_server, "/v1/completions", None, b'{"model": "a", "prompt": "w5", "temperature": NaN}')
+    assert got == 400 and "NaN" in answer["error"]["message"]
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(para_server):
+    host, port = para_server.server_address[:2]
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    body = json.dumps({"model": "a", "prompt": PROMPTS[0], "max_tokens": 50, "temperature": 0, "stream": True})
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    sock.recv(10)
+    sock.close()
+    deadline = time.time() + TIMEOUT
+    while para_server.engine.busy() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not para_server.engine.busy()
+    assert client(para_server).completions.create(model="b", prompt="w5", max_tokens=2, temperature=0).choices
+
+
+def test_more_requests_than_the_queue_holds_get_429(tiny_dir):
+    server = start_server(tiny_dir, {}, "--max_batch", "1", "--max_waiting", "1")
+    try:
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(post(
+            server, "/v1/completions", {"model": server.base_name, "prompt": "w5 w6", "max_tokens": 40,
+                                        "temperature": 0})[0])) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
+    finally:
+        stop_server(server)
+
+
+def test_a_fault_in_the_engine_fails_only_that_steps_requests(para_server, monkeypatch):
+    decode = generate.decode_step
+    faults = []
+
+    def faulty(*args, **kwargs):
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("injected")
+        return decode(*args, **kwargs)
+    monkeypatch.setattr(generate, "decode_step", faulty)
+    status, answer = post(para_server, "/v1/completions", {"model": "a", "prompt": "w5", "max_tokens": 4,
+                                                           "temperature": 0})
+    assert status == 500 and "injected" in answer["error"]["message"]
+    assert client(para_server).completions.create(model="a", prompt="w5", max_tokens=4, temperature=0).choices
+
+
+# -----------------------------------------------------------------------------
+# start-up and shutdown
+
+
+def test_a_damaged_adapter_file_is_refused_at_start_up_naming_it(tiny_dir, para_files, tmp_path, capsys):
+    payload = torch.load(para_files[0], weights_only=True)
+    next(iter(payload["tensors"].values()))[0] = float("nan")
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit):
+        serve.main(["--ckpt_dir", str(tiny_dir), "--port", "0", "--adapter", f"bad={tmp_path / 'bad.pt'}"])
+    assert "bad.pt" in capsys.readouterr().err
+
+
+def test_adapters_of_a_folder_load_on_first_use_and_the_least_recently_used_makes_room(tiny_dir, para_files,
+                                                                                      tmp_path):
+    folder = tmp_path / "tenants"
+    folder.mkdir()
+    for name, path in zip("xy", para_files):
+        (folder / f"{name}.pt").write_bytes(Path(path).read_bytes())
+    server = start_server(tiny_dir, {}, "--adapter_dir", str(folder), "--max_adapters", "1")
+    try:
+        c = client(server)
+        for name, path in (("x", para_files[0]), ("y", para_files[1]), ("x", para_files[0])):
+            text = c.completions.create(model=name, prompt=PROMPTS[1], max_tokens=6, temperature=0).choices[0].text
+            assert text == expected(tiny_dir, path, PROMPTS[1], max_new_tokens=6)
+        assert [m.id for m in c.models.list().data][1:] == ["x", "y"]
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_dir, para_files):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt_dir", str(tiny_dir), "--port", str(port),
+                             "--dtype", "fp32", "--adapter", f"a={para_files[0]}"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        result = {}
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        asking = threading.Thread(target=lambda: result.setdefault("r", c.completions.create(
+            model="a", prompt=PROMPTS[0], max_tokens=40, temperature=0)))
+        asking.start()
+        time.sleep(0.5)  # the request is in flight
+        proc.send_signal(signal.SIGTERM)
+        asking.join(TIMEOUT)
+        assert proc.wait(TIMEOUT) == 0
+        assert result["r"].choices[0].text == expected(tiny_dir, para_files[0], PROMPTS[0], max_new_tokens=40)
+    finally:
+        proc.kill()
+        proc.communicate()
