@@ -22,7 +22,7 @@ import baselines
 import para
 from data import atomic_write
 from errors import UserError, shorten
-from loaders import model_fingerprint, model_name
+from loaders import model_class, model_fingerprint, model_name
 from model import ModelArgs, Transformer, TransformerBlock
 
 # -----------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def meta_adapter(args: ModelArgs, method: str, settings: dict) -> dict:
     """The tensors of one adapter on a model of shape args, built on the meta device: shapes, and no memory."""
     args = dataclasses.replace(args, vocab_size=max(args.vocab_size, 1))  # the adapter does not touch the vocabulary
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_class(args)(args)
         add_adapter(model, method, **settings)
     return adapter_state_dict(model)
 
@@ -217,19 +217,24 @@ BANKS = {baselines.IA3Linear: IA3Bank, baselines.LoRALinear: LoRABank, baselines
          baselines.HoulsbyLinear: HoulsbyBank}
 
 
+def project(linear, x, adapter_ids):
+    """x through a projection: a bank picks each row's adapter; a plain projection is the same for every row."""
+    return linear(x, adapter_ids) if isinstance(linear, Bank) else linear(x)
+
+
 class BankBlock(TransformerBlock):
     """model.py's block, with the rows' adapter_ids (B,) handed to each projection that is a bank."""
 
     def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None):
-        def project(linear, x):  # a bank picks each row's adapter; a plain projection is the same for every row
-            return linear(x, adapter_ids) if isinstance(linear, Bank) else linear(x)
-
-        att, ffn = self.attention, self.feed_forward
+        att, ffn, ids = self.attention, self.feed_forward, adapter_ids
         a = self.attention_norm(x)
-        h = x + project(att.wo, att.attend(project(att.wq, a), project(att.wk, a), project(att.wv, a), rot, mask,
-                                           cache, start_pos))
+        q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
+        h = x + project(att.wo, att.attend(q, k, v, rot, mask, cache, start_pos), ids)
         f = self.ffn_norm(h)
-        return h + project(ffn.w2, F.silu(project(ffn.w1, f)) * project(ffn.w3, f))
+        return h + project(ffn.w2, F.silu(project(ffn.w1, f, ids)) * project(ffn.w3, f, ids), ids)
+
+
+BANK_BLOCKS = {TransformerBlock: BankBlock}  # a backbone's block -> its bank block (gemma.py adds Gemma's)
 
 
 def make_bank(model: Transformer, n: int):
@@ -245,7 +250,7 @@ def make_bank(model: Transformer, n: int):
                 layer.__class__ = BANKS[type(layer)]
                 for name, t in zip(layer.TENSORS, layer.tensors()):
                     setattr(layer, name, stacked(t, n))
-        block.__class__ = BankBlock
+        block.__class__ = BANK_BLOCKS[type(block)]
 
 
 def check_adapter_ids(model: Transformer, adapter_ids):

@@ -172,7 +172,7 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
     embedding = state_dict.get("tok_embeddings.weight")
     tied = embedding is not None and state_dict.get("output.weight") is embedding
     with torch.device("meta"):  # no memory for random weights we are about to replace
-        model = Transformer(args)
+        model = model_class(args)(args)
     check_shapes(model, state_dict, path)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -182,6 +182,15 @@ def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Opti
         model.output.weight = model.tok_embeddings.weight  # one tensor, not a copy
     model.freqs_cis = rope_table(args, device)
     return model.eval(), tokenizer
+
+
+def model_class(args: ModelArgs):
+    """model.py's Transformer, or gemma.py's Gemma for a Gemma's args."""
+    if type(args) is ModelArgs:
+        return Transformer
+    import gemma  # here, not at the top: gemma.py imports adapters.py, which imports this file
+
+    return gemma.Gemma
 
 
 def check_shapes(model: Transformer, state_dict: dict, path: str):
@@ -248,17 +257,18 @@ def number(config: dict, key: str, path: str, kind=int, default=REQUIRED):
     return kind(value)
 
 
-def model_args(path: str, **values) -> ModelArgs:
-    """ModelArgs from a config's values, refusing head counts that cannot split the model's width."""
-    dim, n_heads = values["dim"], values["n_heads"]
+def model_args(path: str, kind=ModelArgs, **values) -> ModelArgs:
+    """ModelArgs (or `kind`, a subclass) from a config's values, refusing head counts that cannot split the model's
+    width, or heads of an odd size."""
+    dim, n_heads, head_dim = values["dim"], values["n_heads"], values.get("head_dim")
     n_kv_heads = values.get("n_kv_heads") or n_heads
-    if dim % n_heads or dim // n_heads % 2:  # RoPE turns pairs of dimensions: a head's size must be even
+    if head_dim is None and dim % n_heads or (head_dim or dim // n_heads) % 2:  # RoPE turns pairs of dimensions
         raise UserError(f"{path}: a width of {dim} does not split into {n_heads} heads of an even size; "
                         "re-download it, or correct the width or the number of heads")
     if n_heads % n_kv_heads:
         raise UserError(f"{path}: {n_heads} query heads cannot share {n_kv_heads} key/value heads evenly; "
                         "re-download it, or correct the number of key/value heads")
-    return ModelArgs(**values)
+    return kind(**values)
 
 
 # -----------------------------------------------------------------------------
@@ -324,6 +334,15 @@ def hf_to_meta_rope(w, n_heads):
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+GEMMA_HF_NAMES = {version: {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                            "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+                            "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                            **({"post_attention_layernorm": "post_attention_norm",
+                                "pre_feedforward_layernorm": "ffn_norm",
+                                "post_feedforward_layernorm": "post_ffn_norm"} if version >= 3 else
+                               {"post_attention_layernorm": "ffn_norm"})} for version in (1, 3)}
 HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -333,6 +352,8 @@ def hf_args(folder: str):
     """(ModelArgs, config) from config.json."""
     path = os.path.join(folder, "config.json")
     cfg = read_config(path)
+    if str(cfg.get("model_type", "")).startswith("gemma"):
+        return gemma_hf_args(path, cfg), cfg
     rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope_theta here, 4.x at the top level
     if not isinstance(rope, dict):
         raise UserError(f"{path}: field 'rope_parameters' is {shorten(rope)}, it must be an object; re-download it")
@@ -341,15 +362,53 @@ def hf_args(folder: str):
         raise UserError(f"{folder!r}: RoPE scaling and biases are not part of Llama 2 and are not supported")
     dim, n_heads = number(cfg, "hidden_size", path), number(cfg, "num_attention_heads", path)
     n_kv_heads = number(cfg, "num_key_value_heads", path, default=n_heads)
-    if number(cfg, "head_dim", path, default=dim // n_heads) != dim // n_heads:
-        raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
+    head_dim = number(cfg, "head_dim", path, default=dim // n_heads)
     args = model_args(path, dim=dim, n_layers=number(cfg, "num_hidden_layers", path), n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, vocab_size=number(cfg, "vocab_size", path),
+                      n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=number(cfg, "vocab_size", path),
                       hidden_dim=number(cfg, "intermediate_size", path),
                       norm_eps=number(cfg, "rms_norm_eps", path, float),
                       rope_theta=number(rope, "rope_theta", path, float, number(cfg, "rope_theta", path, float, 10000.0)),
                       max_seq_len=number(cfg, "max_position_embeddings", path, default=4096))
     return args, cfg
+
+
+GEMMA_FAMILY = {"gemma": 1, "gemma3_text": 3, "gemma3": 3}  # HF's model_type -> GemmaArgs.version
+
+
+def gemma_hf_args(path, cfg):
+    """GemmaArgs from a Gemma (1) or Gemma 3 config.json."""
+    from gemma import GemmaArgs
+
+    version = GEMMA_FAMILY.get(cfg.get("model_type"))
+    if version is None:
+        raise UserError(f"{path}: model_type {shorten(cfg.get('model_type'))} is not supported; Gemma and Gemma 3 are")
+    if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
+        raise UserError(f"{path}: logit soft-capping (Gemma 2) is not supported; Gemma and Gemma 3 are")
+    if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError(f"{path}: hidden_activation {shorten(cfg.get('hidden_activation'))}: only Gemma's tanh-GELU")
+    rope = cfg.get("rope_parameters") or {}
+    full, local = (rope.get(k, {}) if isinstance(rope.get(k), dict) else {} for k in ("full_attention", "sliding_attention"))
+    dim, n_heads = number(cfg, "hidden_size", path), number(cfg, "num_attention_heads", path)
+    head_dim = number(cfg, "head_dim", path, default=dim // n_heads)
+    values = dict(dim=dim, n_layers=number(cfg, "num_hidden_layers", path), n_heads=n_heads, head_dim=head_dim,
+                  n_kv_heads=number(cfg, "num_key_value_heads", path, default=n_heads),
+                  vocab_size=number(cfg, "vocab_size", path), hidden_dim=number(cfg, "intermediate_size", path),
+                  norm_eps=number(cfg, "rms_norm_eps", path, float),
+                  max_seq_len=number(cfg, "max_position_embeddings", path, default=8192), version=version,
+                  rope_theta=number(full, "rope_theta", path, float,
+                                    number(rope, "rope_theta", path, float, number(cfg, "rope_theta", path, float,
+                                                                                     10000.0))))
+    if version >= 3:
+        types = cfg.get("layer_types") or []
+        globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
+        every = globals_[0] + 1 if globals_ else number(cfg, "sliding_window_pattern", path, default=6)
+        if types and any((t == "full_attention") != ((i + 1) % every == 0) for i, t in enumerate(types)):
+            raise UserError(f"{path}: layer_types must make every {every}th layer global, as Gemma 3 does")
+        values |= dict(query_pre_attn_scalar=number(cfg, "query_pre_attn_scalar", path, float, head_dim),
+                       sliding_window=number(cfg, "sliding_window", path, default=512), global_every=every,
+                       rope_local_theta=number(local, "rope_theta", path, float,
+                                               number(cfg, "rope_local_base_freq", path, float, 10000.0)))
+    return model_args(path, kind=GemmaArgs, **values)
 
 
 def read_hf(folder: str):
@@ -379,14 +438,17 @@ def read_hf(folder: str):
         name = key.removeprefix("model.").removesuffix(".weight")
         if name.startswith("layers.") and name.count(".") >= 2:
             _, i, sub = name.split(".", 2)
-            name = f"layers.{i}.{HF_NAMES.get(sub, sub)}"
+            names = HF_NAMES if type(args) is ModelArgs else GEMMA_HF_NAMES[args.version]
+            name = f"layers.{i}.{names.get(sub, sub)}"
             heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}.get(sub)
             if heads and w.shape == (heads * args.head_dim, dim):  # a wrong shape is left for check_shapes to name
                 w = hf_to_meta_rope(w, heads)
+            elif sub in ("self_attn.q_norm", "self_attn.k_norm") and w.shape == (args.head_dim,):
+                w = hf_to_meta_rope(w[:, None], 1)[:, 0]  # it scales a head's dimensions, which RoPE's layout orders
         else:
             name = {"embed_tokens": "tok_embeddings", "lm_head": "output"}.get(name, name)
         state_dict[name + ".weight"] = w
-    if cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in state_dict:
+    if (cfg.get("tie_word_embeddings") or type(args) is not ModelArgs) and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
@@ -401,6 +463,8 @@ def read_hf(folder: str):
 GGUF_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
               "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
               "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+GEMMA_GGUF_NAMES = {**GGUF_NAMES, "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
+                    "post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm"}
 GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 # What the gguf package raises on a truncated or corrupt file (found by cutting files and flipping their bytes):
 # a bad magic or version, a string that is not UTF-8, a tensor that runs past the end of the file, ...
@@ -417,12 +481,28 @@ def gguf_args(path: str):
     except GGUF_ERRORS as e:
         raise UserError(f"{path} is not a readable GGUF file ({str(e)[:200]}): it is truncated or corrupt; "
                         "re-download it") from None
-    if meta.get("general.architecture") != "llama":
-        raise UserError(f"{path} is a {shorten(meta.get('general.architecture'))} GGUF; only 'llama' is supported")
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "gemma", "gemma3"):
+        raise UserError(f"{path} is a {shorten(arch)} GGUF; only 'llama', 'gemma' and 'gemma3' are supported")
 
     def get(key, kind=int, default=REQUIRED):
         return number(meta, key, path, kind, default)
 
+    if arch != "llama":  # Gemma: llama.cpp keeps HF's RoPE layout, and stores each norm's 1 + w
+        from gemma import GemmaArgs
+
+        gemma3 = arch == "gemma3"
+        args = model_args(path, kind=GemmaArgs, version=3 if gemma3 else 1, dim=get(f"{arch}.embedding_length"),
+                          n_layers=get(f"{arch}.block_count"), n_heads=get(f"{arch}.attention.head_count"),
+                          n_kv_heads=get(f"{arch}.attention.head_count_kv", default=None),
+                          head_dim=get(f"{arch}.attention.key_length", default=None),
+                          hidden_dim=get(f"{arch}.feed_forward_length"),
+                          vocab_size=len(meta.get("tokenizer.ggml.tokens") or []) or -1,
+                          norm_eps=get(f"{arch}.attention.layer_norm_rms_epsilon", float),
+                          rope_theta=get(f"{arch}.rope.freq_base", float, 1e6 if gemma3 else 10000.0),
+                          max_seq_len=get(f"{arch}.context_length"),
+                          **({"sliding_window": get(f"{arch}.attention.sliding_window", default=512)} if gemma3 else {}))
+        return args, (meta, reader)
     args = model_args(path, dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
                       n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", default=None),
                       hidden_dim=get("llama.feed_forward_length"), vocab_size=get("llama.vocab_size", default=-1),
@@ -432,27 +512,38 @@ def gguf_args(path: str):
 
 
 def read_gguf(path: str):
-    """A llama-architecture GGUF file, dequantized to fp32. llama.cpp already stores wq/wk in Meta's RoPE layout."""
+    """A llama or Gemma GGUF file, dequantized to fp32. llama.cpp stores a llama's wq/wk in Meta's RoPE layout already,
+    and a Gemma's in HF's, which is permuted here; it stores Gemma's norms as 1 + w, which is undone here (as HF
+    does, in fp32)."""
     from gguf.quants import dequantize
 
     args, (meta, reader) = gguf_args(path)
+    gemma = type(args) is not ModelArgs
+    names = GEMMA_GGUF_NAMES if gemma else GGUF_NAMES
     state_dict = {}
     for t in reader.tensors:
         parts = t.name.removesuffix(".weight").split(".")
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
-            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in names:
+            name = f"layers.{parts[1]}.{names[parts[2]]}"
         elif len(parts) == 1 and parts[0] in GGUF_TOP_NAMES:
             name = GGUF_TOP_NAMES[parts[0]]
         else:
-            raise UserError(f"{path} holds a tensor {shorten(t.name)} that Llama 2 does not have: only Llama 2's "
-                            "architecture is supported")
+            raise UserError(f"{path} holds a tensor {shorten(t.name)} that {'Gemma' if gemma else 'Llama 2'} does "
+                            "not have: only the Llama 2 and Gemma architectures are supported")
         try:
             rows = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise UserError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, which the gguf package "
                             "cannot dequantize; use another quantization of the model (e.g. Q8_0)") from None
-        rows = rows.reshape(*reversed([int(n) for n in t.shape]))  # GGUF lists dims inner-first
-        state_dict[name + ".weight"] = torch.from_numpy(rows.astype("float32"))  # a writable copy
+        rows = rows.reshape(*reversed([int(n) for n in t.shape])).astype("float32")  # GGUF lists dims inner-first
+        if gemma and name.endswith("norm"):
+            rows = rows - 1
+        w = torch.from_numpy(rows)  # a writable copy
+        if gemma and name.endswith(("attention.wq", "attention.wk")) and w.ndim == 2:
+            w = hf_to_meta_rope(w, w.shape[0] // args.head_dim)
+        elif gemma and name.endswith(("q_norm", "k_norm")):
+            w = hf_to_meta_rope(w[:, None], 1)[:, 0]
+        state_dict[name + ".weight"] = w
     if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # llama.cpp stores a tied LM head once
     return args, state_dict, Tokenizer.from_gguf(meta, path)

@@ -34,6 +34,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # Llama 2's context length; RoPE tables are this long
     hidden_dim: Optional[int] = None  # FFN size; None means Meta's formula below
+    head_dim: Optional[int] = None  # None means dim / n_heads, as in Llama 2 (other models choose it)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -45,11 +46,10 @@ class ModelArgs:
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim is None:
+            assert self.dim % self.n_heads == 0
+            self.head_dim = self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0
 
 
 class RMSNorm(nn.Module):
@@ -172,24 +172,9 @@ class Transformer(nn.Module):
         if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
             raise UserError(f"sequence of {start_pos + T} tokens is longer than the model's context of "
                             f"{self.args.max_seq_len}: shorten the prompt or ask for fewer new tokens")
-        h = self.tok_embeddings(tokens)  # (B, T, D)
-        if self.freqs_cis.device != tokens.device:  # once, after model.to(device): it is not a buffer
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        h = self.embed(tokens)  # (B, T, D)
         positions = start_pos + torch.arange(T, device=tokens.device)  # (T,)
-        if pad_len is None:
-            rot = self.freqs_cis[positions][None, :, None]  # (1, T, 1, hd/2)
-        else:  # RoPE positions count from each row's first real token; padding gets position 0
-            rot = self.freqs_cis[(positions[None] - pad_len[:, None]).clamp(min=0)][:, :, None]  # (B, T, 1, hd/2)
-        # SDPA's own causal mask (is_causal) is aligned top-left: query i sees keys 0..i. That is right for a whole
-        # sequence and for a single decode query (it sees everything), wrong for padding, for a chunk of several
-        # tokens appended to a cache, and for a static cache, whose keys run to its end: those need a mask
-        chunk_after_cache = cache is not None and T > 1 and start_pos > 0
-        static = getattr(cache, "static", False)
-        if pad_len is not None or chunk_after_cache or static:
-            n_keys = cache.max_len if static else positions[-1] + 1
-            mask = attention_mask(positions, pad_len, n_keys)
-        else:
-            mask = None
+        rot, mask = self.rope_and_mask(positions, start_pos, pad_len, cache)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
                 h = checkpoint(layer, h, rot, mask, cache, start_pos, use_reentrant=False, **block_args)
@@ -200,6 +185,33 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             h = h[logits_at]  # (N, D)
         return self.output(self.norm(h)).float()
+
+    def embed(self, tokens):
+        return self.tok_embeddings(tokens)
+
+    def rope_and_mask(self, positions, start_pos, pad_len, cache):
+        """The rotation of each query and key, (B|1, T, 1, hd/2), and the attention mask (B|1, 1, T, S), or None
+        where SDPA's own causal mask is right, for the tokens at cache positions `positions` (T,)."""
+        if self.freqs_cis.device != positions.device:  # once, after model.to(device): it is not a buffer
+            self.freqs_cis = self.freqs_cis.to(positions.device)
+        rot = rotations(self.freqs_cis, positions, pad_len)
+        # SDPA's own causal mask (is_causal) is aligned top-left: query i sees keys 0..i. That is right for a whole
+        # sequence and for a single decode query (it sees everything), wrong for padding, for a chunk of several
+        # tokens appended to a cache, and for a static cache, whose keys run to its end: those need a mask
+        chunk_after_cache = cache is not None and len(positions) > 1 and start_pos > 0
+        static = getattr(cache, "static", False)
+        if pad_len is not None or chunk_after_cache or static:
+            return rot, attention_mask(positions, pad_len, cache.max_len if static else positions[-1] + 1)
+        return rot, None
+
+
+def rotations(table, positions, pad_len):
+    """The RoPE rotations of the tokens at cache positions `positions` (T,), from a table (max_seq_len, hd/2):
+    (1, T, 1, hd/2), or (B, T, 1, hd/2) when rows are left-padded: a row's positions count from its first real
+    token, and padding gets position 0."""
+    if pad_len is None:
+        return table[positions][None, :, None]
+    return table[(positions[None] - pad_len[:, None]).clamp(min=0)][:, :, None]
 
 
 def attention_mask(positions, pad_len, n_keys):

@@ -73,9 +73,20 @@ class PARABlock(TransformerBlock):
         prompt_len (B,): where each row's prompt ends (training); None: at the last column (a left-padded prefill).
         vectors: a generation's store, layer id -> (l_q, l_v, l_u): the prompt's call fills it, decode steps read it.
         adapter_ids (B,): each row's adapter, when the vector generator is a bank of them (adapters.py)."""
-        layer = self.attention.layer_id
         a = self.attention_norm(x)  # (B, T, D): what the attention sublayer sees, and what the VG reads
-        if isinstance(start_pos, int) and start_pos == 0:  # x holds the prompts (training, or a prefill)
+        l_q, l_v, l_u = self.prompt_vectors(a, start_pos, prompt_len, vectors, adapter_ids)
+        att, ffn = self.attention, self.feed_forward
+        q, v = scale(l_q, att.wq(a)), scale(l_v, att.wv(a))  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V
+        h = x + att.wo(att.attend(q, att.wk(a), v, rot, mask, cache, start_pos))
+        f = self.ffn_norm(h)
+        u = scale(l_u, ffn.w3(f))  # Eq. 5: U' = l_u ⊙ U
+        return h + ffn.w2(F.silu(ffn.w1(f)) * u)
+
+    def prompt_vectors(self, a, start_pos, prompt_len, vectors, adapter_ids):
+        """l_q, l_v, l_u (B, 1, d) of each row: computed from the normed state a (B, T, D) at the prompt's last
+        token when a holds the prompts, read from the generation's store in a decode step."""
+        layer = self.attention.layer_id
+        if isinstance(start_pos, int) and start_pos == 0:  # a holds the prompts (training, or a prefill)
             # The paper says only "the hidden states of the prompt at the current layer". The VG reads the state after
             # this layer's attention_norm: the same scale at every depth, immune to Llama 2's outlier activations.
             last = a[:, -1] if prompt_len is None else a[torch.arange(len(a), device=a.device), prompt_len - 1]
@@ -88,12 +99,10 @@ class PARABlock(TransformerBlock):
         else:
             raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding, "
                                "with the same store of vectors")
-        att, ffn = self.attention, self.feed_forward
-        q, v = scale(l_q, att.wq(a)), scale(l_v, att.wv(a))  # Eq. 4: Q' = l_q ⊙ Q, V' = l_v ⊙ V
-        h = x + att.wo(att.attend(q, att.wk(a), v, rot, mask, cache, start_pos))
-        f = self.ffn_norm(h)
-        u = scale(l_u, ffn.w3(f))  # Eq. 5: U' = l_u ⊙ U
-        return h + ffn.w2(F.silu(ffn.w1(f)) * u)
+        return l_q, l_v, l_u
+
+
+PARA_BLOCKS = {TransformerBlock: PARABlock}  # a backbone's block -> PARA's block for it (gemma.py adds Gemma's)
 
 
 def add_para(model, r: int = 12) -> dict:
@@ -101,6 +110,6 @@ def add_para(model, r: int = 12) -> dict:
     for block in model.layers:
         # The loaded block itself becomes a PARABlock: its class changes, its weights stay where they are (built
         # afresh, a block would allocate new weights to replace). Only the vector generator is new.
-        block.__class__ = PARABlock
+        block.__class__ = PARA_BLOCKS[type(block)]
         block.vector_generator = VectorGenerator(model.args, r, device=block.attention.wq.weight.device)
     return {"r": r}

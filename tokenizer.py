@@ -66,9 +66,11 @@ class Tokenizer:
         def field(name, default=None):
             return metadata.get(name, default)
 
+        if field("tokenizer.ggml.model") == "llama" and str(field("general.architecture")).startswith("gemma"):
+            return Tokenizer.gemma_from_gguf(metadata, path)
         if field("tokenizer.ggml.model") != "gpt2":
             raise UserError(f"{path}: GGUF tokenizer {shorten(field('tokenizer.ggml.model'))} is not supported, "
-                            "only byte-level BPE ('gpt2')")
+                            "only byte-level BPE ('gpt2') and Gemma's sentencepiece BPE")
         tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
         merges, eos = field("tokenizer.ggml.merges"), field("tokenizer.ggml.eos_token_id")
         bos, pad = field("tokenizer.ggml.bos_token_id", -1), field("tokenizer.ggml.padding_token_id", eos)
@@ -92,6 +94,36 @@ class Tokenizer:
         template = field("tokenizer.chat_template")
         chat = "chatml" if isinstance(template, str) and "<|im_start|>" in template else None
         return Tokenizer("bpe", tok, bos, eos, pad, len(tokens), bool(field("tokenizer.ggml.add_bos_token", False)), chat)
+
+    @staticmethod
+    def gemma_from_gguf(metadata: dict, path: str) -> "Tokenizer":
+        """Gemma's sentencepiece BPE from a GGUF file's token list, rebuilt as HF rebuilds it (the file holds no
+        merges): the merges are every split of a token into two tokens, the earlier a token in the list the
+        earlier its merge; byte fallback; spaces written as "▁", with no prefix space."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+        tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
+        ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")]
+        if not (isinstance(tokens, list) and isinstance(types, list) and len(tokens) == len(types) and
+                all(isinstance(i, int) for i in ids)):
+            raise UserError(f"{path}: the tokenizer's tokens, token types or special token ids are missing or "
+                            "malformed; re-download it")
+        # a token of spaces only is stored as spaces, while the text's spaces become "▁" before lookup
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        position = {t: -i for i, t in enumerate(tokens)}  # the earlier in the list, the earlier its merge
+        merges = sorted(((t[:k], t[k:], p) for t, p in position.items() for k in range(1, len(t))
+                         if t[:k] in vocab and t[k:] in vocab), key=lambda m: (m[2], len(m[0]), len(m[1])),
+                        reverse=True)  # best first, ties broken as HF breaks them
+        tok = HFTokenizer(models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True,
+                                     unk_token=tokens[ids[3]]))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token", True)
+        return Tokenizer("bpe", tok, ids[0], ids[1], ids[2], len(tokens), bool(add_bos), "gemma")
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
         """Token ids of text; bos=None adds BOS when the model's tokenizer config does (Llama 2 yes, SmolLM2 no)."""
@@ -129,6 +161,15 @@ class Tokenizer:
             if len(messages) % 2:
                 ids += self.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]", True, False)
             return ids
+        if self.chat_format == "gemma":
+            # Gemma's turns: <start_of_turn>user\n...<end_of_turn>\n, the assistant's role called "model"; a system
+            # message opens the first user turn
+            if messages[0]["role"] == "system" and len(messages) > 1:
+                messages = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"},
+                            *messages[2:]]
+            text = "".join(f"<start_of_turn>{'model' if m['role'] == 'assistant' else m['role']}\n"
+                           f"{m['content']}<end_of_turn>\n" for m in messages)
+            return self.encode(text + "<start_of_turn>model\n" * add_generation_prompt)
         raise UserError("this tokenizer has no chat format: it belongs to a base model, give it plain text")
 
 

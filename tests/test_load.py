@@ -384,8 +384,9 @@ def test_load_refuses_a_gguf_file_cut_short(tmp_path, gguf_head, megabytes):
 
 
 def test_load_refuses_a_gguf_of_another_architecture(tmp_path):
-    path = gguf_metadata_file(tmp_path / "model.gguf", architecture="gemma")
-    with pytest.raises(UserError, match=f"{re.escape(str(path))} is a 'gemma' GGUF; only 'llama' is supported"):
+    path = gguf_metadata_file(tmp_path / "model.gguf", architecture="qwen2")  # gemma and gemma3: gemma.py
+    with pytest.raises(UserError, match=f"{re.escape(str(path))} is a 'qwen2' GGUF; only 'llama', 'gemma' and "
+                                        "'gemma3' are supported"):
         load(str(path))
 
 
