@@ -387,6 +387,12 @@ if __name__ == "__main__":
               "Llama-2 70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
                                        multiple_of=4096),
               "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)}
+    from gemma import GemmaArgs  # here: gemma.py imports this file
+
+    models |= {"Gemma 2B": GemmaArgs(version=1, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256,
+                                     hidden_dim=16384, vocab_size=256000),
+               "Gemma 3 270M": GemmaArgs(dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, hidden_dim=2048,
+                                         vocab_size=262144)}
     for name, args in models.items():
         rows = [(label(m, compared_size(args, m)), m, compared_size(args, m)) for m in METHODS] + [*VARIANTS.values()]
         rows.insert(2, ("LoRA r=8 (PEFT's default)", "lora", {"r": 8}))

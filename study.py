@@ -28,12 +28,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import adapters
+import generate
 import train
 from data import exact_match_score, f1_score, load_split, resolve_task
 from errors import UserError
-from loaders import read_args
+from loaders import load, read_args
 
 ROOT = Path(__file__).resolve().parent
 
@@ -88,6 +90,8 @@ def parse_args(argv=None):
                    "flags the study sets itself, nor --limit_eval: every method is scored on the same questions)")
     p.add_argument("--report", action="store_true", help="write the table and the picture from the finished runs only")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--prompt_use", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure how much PARA's vectors vary across test prompts (loads the model: minutes)")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -286,10 +290,89 @@ def report(args, chosen, strongest):
     table = "\n".join(lines)
     note = (f"\n\n{len(test):,} test questions; intervals: 95% bootstrap over questions ({args.bootstrap} resamples), "
             f"of the median seed's run. Strongest baseline (lowest dev loss): {strongest}.\n")
+    if args.para in chosen and args.prompt_use:
+        table += "\n\n" + prompt_use(args, *chosen[args.para])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "study.md").write_text(table + note)
     print(table + note)
     plot(args, chosen, Path(args.out) / "study.png")
+
+
+# -----------------------------------------------------------------------------
+# Does PARA use the prompt? Its vectors on every test prompt: how much they vary from prompt to prompt, against
+# how far they moved from 1 in the same way for every prompt (which the static twin could do as well)
+
+VECTORS = ("l_q", "l_v", "l_u")
+
+
+@torch.no_grad()
+def vector_statistics(model, tokenizer, prompts, batch=16):
+    """{layer: [(sum, sum of squares, n) of l_q, of l_v, of l_u over the prompts]}, each sum (d,) in float64."""
+    stats = {}
+    device = model.tok_embeddings.weight.device
+    for i in range(0, len(prompts), batch):
+        tokens, pad_len = generate.left_pad(prompts[i:i + batch], tokenizer.pad_id, device)
+        store = {}  # para.PARABlock fills it at start_pos 0: each row's vectors, from its last prompt token
+        model(tokens, 0, pad_len=pad_len, last_only=True, **adapters.block_args(model, vectors=store))
+        for layer, vectors in store.items():
+            sums = stats.setdefault(layer, [[0.0, 0.0, 0] for _ in VECTORS])
+            for acc, l in zip(sums, vectors):
+                l = l[:, 0].double()  # (B, d)
+                acc[0], acc[1], acc[2] = acc[0] + l.sum(0), acc[1] + (l * l).sum(0), acc[2] + len(l)
+    return stats
+
+
+def prompt_use(args, lr, seeds):
+    """For each of PARA's runs: per layer and vector, the across-prompt spread (the mean over dimensions of the
+    standard deviation across test prompts) and the static part (the mean over dimensions of |mean over prompts -
+    1|), their ratio, and a picture (prompt_use.png). A ratio near 0 means PARA behaved as its static twin."""
+    test = load_split(resolve_task(args.task), "test")
+    lines = ["| PARA run | vector | spread across prompts | static part, mean abs(mean - 1) | spread / static | "
+             "layers |", "|---|---|---|---|---|---|"]
+    curves = {}
+    for seed in seeds:
+        folder = run_dir(args, args.para, lr, seed)
+        model, tokenizer = load(args.ckpt_dir)
+        adapters.load_adapter(model, folder / "adapter.pt")
+        keep = model.args.max_seq_len - json.loads((folder / "results.json").read_text())["max_new_tokens"]
+        prompts = [generate.truncate_left(tokenizer.encode(r["prompt"]), keep, tokenizer.bos_id) for r in test]
+        stats = vector_statistics(model, tokenizer, prompts)
+        layers = sorted(stats)
+        for v, name in enumerate(VECTORS):
+            spread, static = [], []
+            for layer in layers:
+                total, squares, n = stats[layer][v]
+                mean = total / n
+                spread.append((squares / n - mean * mean).clamp(min=0).sqrt().mean().item())
+                static.append((mean - 1).abs().mean().item())
+            curves[seed, name] = (spread, static)
+            s, m = statistics.mean(spread), statistics.mean(static)
+            lines.append(f"| seed {seed} | {name} | {s:.4f} | {m:.4f} | {s / m:.2f} | {len(layers)} |")
+    plot_prompt_use(curves, Path(args.out) / "prompt_use.png")
+    return ("Does PARA use the prompt? Its vectors on every test prompt, averaged over layers (per layer: "
+            "prompt_use.png):\n\n" + "\n".join(lines))
+
+
+def plot_prompt_use(curves, path):
+    """Per layer, the spread across prompts (solid) and the static part (dashed) of each vector, for each seed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(VECTORS), figsize=(15, 4), dpi=100, sharey=True)
+    for ax, name in zip(axes, VECTORS):
+        for (seed, vector), (spread, static) in curves.items():
+            if vector == name:
+                line, = ax.plot(spread, label=f"seed {seed}: spread across prompts")
+                ax.plot(static, linestyle="--", color=line.get_color(), label=f"seed {seed}: abs(mean - 1)")
+        ax.set(title=name, xlabel="layer", yscale="log")
+    axes[0].set_ylabel("mean over dimensions")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 def plot(args, chosen, path):

@@ -37,6 +37,12 @@ def test_the_study_tunes_each_method_on_dev_reruns_the_best_with_more_seeds_and_
     assert len({r.split("-seed")[0] for r in para}) >= 2  # the grid, at seed 1
     assert {r.split("-seed")[1] for r in para} == {"1", "2"}  # PARA's chosen rate with a second seed
     assert "| PARA minus | test F1 (95% paired CI)" in table
+    assert table.count("| seed 1 | l_") == 3 and table.count("| seed 2 | l_") == 3  # PARA's prompt use, per seed
+    try:
+        import matplotlib  # noqa: F401 (the picture's only requirement)
+        assert (tmp_path / "study" / "prompt_use.png").exists()
+    except ImportError:
+        pass
     # the grid trains; only the rate of the lowest dev loss is scored by generation
     grid = {r: json.loads((tmp_path / "study" / r / "results.json").read_text()) for r in para if r.endswith("seed1")}
     best = min(grid, key=lambda r: grid[r]["best_dev_loss"])
@@ -64,3 +70,27 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_questions():
     assert low < small.mean() < high
     low_large, high_large = study.bootstrap(large, 2000)
     assert high_large - low_large < (high - low) / 5  # 100 times the questions: a tenth of the width
+
+
+def test_prompt_use_finds_no_spread_in_a_static_adapter_and_some_in_a_prompt_aware_one():
+    import torch
+
+    from tiny_llama import fresh, randomise_adapter
+
+    class Tokenizer:
+        pad_id = 0
+
+    prompts = [[5, 9, 2, 7], [3, 8], [11, 4, 6, 60, 2], [1, 2, 3]]
+    model = fresh("para")
+    with torch.no_grad():
+        for block in model.layers:
+            block.vector_generator.bias.add_(0.1)  # W_up = 0: every prompt gets the vectors b_up = 1.1
+    for layer in study.vector_statistics(model, Tokenizer(), prompts, batch=3).values():
+        for total, squares, n in layer:
+            mean = total / n
+            assert n == 4 and torch.allclose(mean, torch.full_like(mean, 1.1, dtype=torch.float64))
+            assert (squares / n - mean * mean).abs().max() < 1e-12  # no spread across prompts
+    randomise_adapter(model, seed=1)  # W_up != 0: the vectors depend on the prompt
+    spread = [((squares / n - (total / n) ** 2).clamp(min=0).sqrt().mean()).item()
+              for layer in study.vector_statistics(model, Tokenizer(), prompts).values() for total, squares, n in layer]
+    assert min(spread) > 1e-3
