@@ -66,6 +66,7 @@ import torch.nn.functional as F
 
 import adapters
 import baselines
+import bench_serve
 import generate
 from errors import UserError
 from loaders import DTYPES, default_model_path, load, native_bf16, pick_device, resolve_dtype
@@ -523,9 +524,18 @@ def claims(rows):
             out.append((f"ours / HF tokens/s, {name}", find("hf", measurement=name), "ours / HF", ">", 1.0))
     for r in (r for r in rows if r["section"] == "compile"):
         out.append((f"{r['measurement']} steps/s / ceiling", r, "/ ceiling", ">=", 0.9))
+    for r in (r for r in rows if r["section"] == "serve"):  # serving many tenants costs PARA nothing
+        if r["key"] == para and "clients" in r["load"]:
+            out.append((f"PARA / base tokens/s, {r['tenants']} tenants, {r['mix']} prompts, {r['load']}", r,
+                        "/ base tokens/s", ">=", 0.97))
+        if r["key"] == para and "req/s" in r["load"]:
+            out.append((f"PARA / base p99 inter-token latency, {r['tenants']} tenants, {r['mix']} prompts, "
+                        f"{r['load']}", r, "/ base ITL p99", "<=", 1.05))
+        if r["method"] == "base, one at a time" and r["mix"] == "short":
+            out.append((f"continuous batching / one at a time tokens/s, {r['load']}", r, "continuous / it", ">=", 2.0))
     for r in (r for r in rows if r["section"] == "train" and r.get("ours / HF+PEFT")):
         out.append((f"train step tokens/s, ours / HF+PEFT, {r['method']}", r, "ours / HF+PEFT", ">=", 1.0))
-    compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt}
+    compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
     checks = []
     for claim, row, key, op, target in out:
         low, high = row.get("95% CI", {}).get(key) or [row[key]] * 2  # memory is measured exactly: no interval
@@ -562,6 +572,7 @@ TITLES = {"table4": "Table 4: one prompt, tokens/s and peak memory",
           "hf": "generate.py against HF Transformers (base model)",
           "compile": "Decode steps/s, eager and compiled, against the ceiling (greedy, one prompt)",
           "train": "Training step against HF Transformers + PEFT (16 examples, forward, backward, AdamW)",
+          "serve": "serve.py under load, over HTTP (bench_serve.py)",
           "ceiling": "Ceiling"}
 NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without the prefill. peak MiB: weights + "
                    "adapter + the peak tensor memory held during the call above what was held before it ({memory}). "
@@ -570,7 +581,11 @@ NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without th
          "multitenant": "{batch} different prompts of {prompt_len} tokens each (no padding); tokens/s: all rows' new "
                         "tokens over the call. Adapters 1: one adapter serves every row; {batch}: row i uses "
                         "adapter i of a bank.",
-         "hf": "tokens/s: new tokens over the whole call, both timed alike; same tokens: of the last run."}
+         "hf": "tokens/s: new tokens over the whole call, both timed alike; same tokens: of the last run.",
+         "serve": "tokens/s: every request's new tokens over the load's wall time; TTFT: time to the first token; "
+                  "ITL: the gaps between a stream's tokens. Closed loop: {serve_clients} clients, each sending its "
+                  "next request when its last is answered; open loop: Poisson arrivals. {serve_requests} requests "
+                  "per load, to {serve_tenants} tenants in turn, greedy."}
 
 
 RANDOM = {"7b": dict(dim=4096, n_layers=32, n_heads=32), "13b": dict(dim=5120, n_layers=40, n_heads=40),
@@ -637,12 +652,19 @@ def parse_args(argv=None):
     p.add_argument("--init", action="store_true", help="leave the adapters at their initialisation: every "
                    "method then generates the base model's tokens (a check of the harness)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
+    p.add_argument("--serve_tenants", type=int, default=32, help="serve: adapters the requests of a method go to")
+    p.add_argument("--serve_clients", type=int, default=8, help="serve: concurrent clients of the closed-loop load")
+    p.add_argument("--serve_rate", type=float, default=2.0, help="serve: requests/s of the open-loop load")
+    p.add_argument("--serve_requests", type=int, default=24, help="serve: requests in each load")
+    p.add_argument("--serve_max_batch", type=int, default=16, help="serve: the server's --max_batch")
     args = p.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(TITLES)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
     for flag, value in (("--threads", args.threads), ("--runs", args.runs), ("--prompt_len", args.prompt_len),
-                        ("--new_tokens", args.new_tokens), ("--batch", args.batch)):
+                        ("--new_tokens", args.new_tokens), ("--batch", args.batch),
+                        ("--serve_tenants", args.serve_tenants), ("--serve_clients", args.serve_clients),
+                        ("--serve_requests", args.serve_requests), ("--serve_max_batch", args.serve_max_batch)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     return args
@@ -658,7 +680,8 @@ def run_sections(base, tokenizer, args, device, dtype, path):
             rows += section(base, tokenizer, args, device)
             loads[name] = os.getloadavg()[0]
     for name, section in (("hf", lambda: versus_hf(base, tokenizer, args, device, load_hf(path, device, dtype))),
-                          ("train", lambda: training(base, tokenizer, args, device, dtype, path))):
+                          ("train", lambda: training(base, tokenizer, args, device, dtype, path)),
+                          ("serve", lambda: bench_serve.serving(base, tokenizer, args, device, dtype, path))):
         if name in sections:
             say(f"{name}: ")
             try:
@@ -689,6 +712,7 @@ def main(argv=None):
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
                "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "batch": args.batch, "sizes": args.sizes,
+               **{k: getattr(args, k) for k in ("serve_tenants", "serve_clients", "serve_rate", "serve_requests")},
                "adapters": "init" if args.init else "random",
                "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
                "cpu capability": torch.backends.cpu.get_cpu_capability(),

@@ -153,6 +153,7 @@ class Engine:
         self.max_waiting = max_waiting
         self.wake = threading.Condition()
         self.draining = self.stopped = False
+        self.static = False  # continuous batching; True: static batches, for bench.py's comparison
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
 
     def submit(self, request):
@@ -197,7 +198,7 @@ class Engine:
                         return  # every row of the bank serves a running request: wait for one to finish
                     request.adapter = self.bank.rows[request.model]
                 column = self.batch.join_column(request)
-                if column is None:
+                if column is None or self.static and self.batch.rows:  # static batches: only into an empty batch
                     return
                 self.waiting.popleft()
             try:

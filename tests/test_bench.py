@@ -113,3 +113,16 @@ def test_bench_runs_on_a_random_model_of_a_named_shape(capsys):
     assert report["setting"]["model"] == "random:tiny"
     assert {r["method"] for r in report["rows"] if r["section"] == "table4"} >= {"base", "PARA r=12"}
     assert all(len(r["tokens"][0]) == 4 for r in report["rows"] if r["section"] == "table4")
+
+
+def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batching(tiny_folder, capsys):
+    report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "2", "--serve_requests", "4",
+                       "--serve_clients", "2", "--serve_rate", "50", "--serve_max_batch", "4")
+    rows = report["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"base", "base, one at a time", "base, static batches"} <= methods and "PARA r=12" in methods
+    assert {r["mix"] for r in rows} == {"table4", "short"}
+    assert all(r["tokens/s"] > 0 and r["TTFT p50 ms"] > 0 for r in rows)
+    claims = {c["claim"].split(",")[0] for c in report["claims"]}
+    assert claims == {"PARA / base tokens/s", "PARA / base p99 inter-token latency",
+                      "continuous batching / one at a time tokens/s"}

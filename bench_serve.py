@@ -1,0 +1,206 @@
+"""
+bench.py --sections serve: serve.py under load, over HTTP, as its clients see it.
+
+A load generator sends completion requests to a server of this process (on 127.0.0.1, a free port) and reads each
+answer as a stream, timing its first chunk (time to first token) and the gaps between chunks (inter-token
+latency: a chunk is a token's text, but for a token that ends inside a character or a stop string's prefix).
+Two loads:
+- closed loop: C clients, each sending its next request as soon as its last one is answered (throughput at
+  saturation: what the server can do);
+- open loop: Poisson arrivals at R requests/s, whatever the server does (latency at a given load).
+Requests go to K tenants in turn (K adapters, random non-trivial weights), in two length mixes: the paper's Table 4
+shape (prompts of 274 tokens, 32 new tokens) and short chat-like prompts (16 to 48 tokens, 32 new tokens), greedy.
+
+Rows: every method (base, PARA, (IA)^3, LoRA, Houlsby) with K tenants, and the base model served three ways:
+continuous batching, one request at a time (--max_batch 1), and static batches (a new batch only once the last one
+has finished). Runs of all rows alternate round by round, and each ratio is the median of same-round ratios with a
+distribution-free 95% interval, as in the rest of bench.py.
+"""
+import http.client
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import adapters
+import bench
+import serve
+
+def mixes(args, context):
+    """name -> the range of prompt lengths (tokens) its requests draw from: the paper's Table 4 shape (--prompt_len,
+    274), and short chat-like prompts; within the model's context."""
+    cap = max(1, context - args.new_tokens - 8)
+    return {"table4": (min(args.prompt_len, cap),) * 2, "short": (min(16, cap), min(48, cap))}
+
+
+def requests_of(tokenizer, lengths, n, new_tokens, seed):
+    """n prompts (texts) of lengths in the range `lengths`, cut from bench.TEXT at random places, with max_tokens."""
+    rng = random.Random(seed)
+    body = tokenizer.encode(bench.TEXT, bos=False) * 4
+    low, high = lengths
+    out = []
+    for _ in range(n):
+        length = rng.randint(low, high)
+        start = rng.randrange(len(body) - length)
+        out.append((tokenizer.decode(body[start:start + length]), new_tokens))
+    return out
+
+
+def server_of(path, dtype, tenants, max_batch, max_len, static=False):
+    """A serve.py server of the model at path with the adapter files `tenants` ({name: path}), in this process."""
+    argv = ["--port", "0", "--dtype", dtype, "--max_batch", str(max_batch), "--max_waiting", "100000",
+            "--max_len", str(max_len)]
+    argv += ["--ckpt_dir", path] if path else []
+    for name, file in tenants.items():
+        argv += ["--adapter", f"{name}={file}"]
+    _, args = serve.parse_args(argv)
+    server = serve.start(args)
+    server.engine.static = static  # a new batch only when the last one has finished
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop(server):
+    server.engine.drain(60)
+    server.shutdown()
+    server.server_close()
+
+
+def one_request(server, model, prompt, max_tokens):
+    """(seconds to the first chunk, gaps between chunks, completion tokens, seconds in all) of one streamed request."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    times = []
+    for line in response:
+        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+            chunk = json.loads(line[6:])
+            if chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    conn.close()
+    end = time.perf_counter()
+    return (times[0] - start if times else end - start), [b - a for a, b in zip(times, times[1:])], len(times), \
+        end - start
+
+
+def closed_loop(server, models, requests, clients):
+    """Every request, sent by `clients` clients in turn; (records, wall seconds)."""
+    queue, records, lock = list(enumerate(requests)), [], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, (prompt, n) = queue.pop(0)
+            records.append(one_request(server, models[i % len(models)], prompt, n))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return records, time.perf_counter() - start
+
+
+def open_loop(server, models, requests, rate, seed):
+    """Every request, sent at Poisson arrivals of `rate` per second; (records, wall seconds)."""
+    rng, records, threads = random.Random(seed), [], []
+    start = time.perf_counter()
+    at = 0.0
+    for i, (prompt, n) in enumerate(requests):
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        t = threading.Thread(target=lambda i=i, p=prompt, n=n: records.append(
+            one_request(server, models[i % len(models)], p, n)))
+        t.start()
+        threads.append(t)
+        at += rng.expovariate(rate)
+    for t in threads:
+        t.join(600)
+    return records, time.perf_counter() - start
+
+
+def summary(records, seconds):
+    """Throughput and latencies of one load."""
+    gaps = sorted(g for r in records for g in r[1])
+    ttft = sorted(r[0] for r in records)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+    return {"tokens/s": sum(r[2] for r in records) / seconds, "TTFT p50 ms": 1000 * q(ttft, 0.5),
+            "TTFT p99 ms": 1000 * q(ttft, 0.99), "ITL p50 ms": 1000 * q(gaps, 0.5), "ITL p99 ms": 1000 * q(gaps, 0.99)}
+
+
+def serving(base, tokenizer, args, device, dtype, path):
+    """The section's rows: see the module docstring. --serve_tenants, --serve_clients, --serve_rate and
+    --serve_requests size it."""
+    K, name_of = args.serve_tenants, adapters.label
+    dtype_flag = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
+    methods = {None: {}} | {m: s for m, s in args.sizes.items() if not adapters.METHODS[m].prunes}
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    tenants = {}
+    for method, settings in methods.items():  # K random adapters of each method, saved for the server to load
+        if method is None:
+            continue
+        model = bench.with_adapter(base, method, settings, K, True, seed=5)
+        tenants[method] = {}
+        for i in range(K):
+            file = folder / f"{method}-{i}.pt"
+            adapters.save_adapter(model, file, index=i)
+            tenants[method][f"{method}-{i}"] = str(file)
+    rows, loads = [], mixes(args, base.args.max_seq_len)
+    max_len = max(high for _, high in loads.values()) + args.new_tokens + 8  # every request fits; a small cache
+    for mix, lengths in loads.items():  # keeps the 7 servers in memory
+        requests = requests_of(tokenizer, lengths, args.serve_requests, args.new_tokens, seed=7)
+        servers = {}
+        for m, s in methods.items():
+            server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len)
+            servers[name_of(m, s) if m else "base"] = (server, list(tenants.get(m, {})) or [server.base_name])
+        for name, kept in (("base, one at a time", 1), ("base, static batches", args.serve_max_batch)):
+            server = server_of(path, dtype_flag, {}, kept, max_len, static="static" in name)
+            servers[name] = (server, [server.base_name])
+        for server, models in servers.values():  # first calls pay for allocations and kernel choices
+            one_request(server, models[0], requests[0][0], 4)
+        jobs = {}
+        for name, (server, models) in servers.items():
+            jobs[name, "closed"] = lambda s=server, m=models: closed_loop(s, m, requests, args.serve_clients)
+            if "," not in name:
+                jobs[name, "open"] = lambda s=server, m=models: open_loop(s, m, requests, args.serve_rate, seed=11)
+        runs = {key: [] for key in jobs}
+        for r in range(args.runs):
+            bench.say(f"serve, {mix}: round {r + 1}/{args.runs}")
+            order = list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]
+            for key in order:
+                runs[key].append(summary(*jobs[key]()))
+        for server, _ in servers.values():
+            stop(server)
+        for (name, load), measured in runs.items():
+            base = runs["base", load]
+            row = {"section": "serve", "mix": mix, "method": name, "key": name.split(",")[0] if "," in name else
+                   next((m for m, s in methods.items() if m and name_of(m, s) == name), None),
+                   "tenants": K if name in tenants_of(methods) else 0,
+                   "load": f"{args.serve_clients} clients" if load == "closed" else f"{args.serve_rate} req/s"}
+            for key in measured[0]:
+                row[key] = statistics.median(m[key] for m in measured)
+            # throughput against the base model's under the same load; p99 inter-token latency against its too
+            for key, of in (("/ base tokens/s", "tokens/s"), ("/ base ITL p99", "ITL p99 ms")):
+                ratio = [m[of] / b[of] for m, b in zip(measured, base)]
+                row[key] = statistics.median(ratio)
+                row.setdefault("95% CI", {})[key] = bench.median_interval(ratio)
+            if "," in name:  # the base model served otherwise: continuous batching's throughput against it
+                ratio = [b["tokens/s"] / m["tokens/s"] for m, b in zip(measured, base)]
+                row["continuous / it"] = statistics.median(ratio)
+                row["95% CI"]["continuous / it"] = bench.median_interval(ratio)
+            rows.append(row)
+    return rows
+
+
+def tenants_of(methods):
+    """The names of the rows with tenants' adapters."""
+    return {adapters.label(m, s) for m, s in methods.items() if m}
