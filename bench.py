@@ -69,8 +69,8 @@ import baselines
 import bench_serve
 import generate
 from errors import UserError
-from loaders import DTYPES, default_model_path, load, native_bf16, pick_device, resolve_dtype
-from model import ModelArgs, Transformer
+from loaders import DTYPES, default_model_path, load, model_class, native_bf16, pick_device, resolve_dtype
+from model import ModelArgs
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
 TEXT = (
@@ -590,7 +590,10 @@ NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without th
 
 RANDOM = {"7b": dict(dim=4096, n_layers=32, n_heads=32), "13b": dict(dim=5120, n_layers=40, n_heads=40),
           "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
-          "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)}
+          "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
+          # Gemma (gemma.py): the paper's 2B, and Gemma 3 270M's shape
+          "gemma-2b": dict(gemma=1, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, hidden_dim=16384),
+          "gemma3-270m": dict(gemma=3, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, hidden_dim=2048)}
 
 
 class NumberTokenizer:
@@ -616,13 +619,21 @@ def load_model(spec, device, dtype):
         return load(spec, device=device, dtype=dtype)
     if spec[7:] not in RANDOM:
         raise UserError(f"unknown random model {spec!r}: choose from " + ", ".join(f"random:{k}" for k in RANDOM))
-    args = ModelArgs(**RANDOM[spec[7:]], vocab_size=32000 if spec != "random:tiny" else 256, max_seq_len=4096)
+    shape = dict(RANDOM[spec[7:]])
+    version = shape.pop("gemma", None)
+    vocab = 256 if spec == "random:tiny" else 32000 if version is None else 256000 if version == 1 else 262144
+    if version is None:
+        args = ModelArgs(**shape, vocab_size=vocab, max_seq_len=4096)
+    else:
+        from gemma import GemmaArgs
+
+        args = GemmaArgs(**shape, version=version, vocab_size=vocab, max_seq_len=4096)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocated and initialised in the final dtype: a 70B never exists in fp32
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            model = Transformer(args)
+            model = model_class(args)(args)
     finally:
         torch.set_default_dtype(default)
     model.freqs_cis = model.freqs_cis.to(device)
@@ -632,7 +643,8 @@ def load_model(spec, device, dtype):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--model", "--ckpt_dir", dest="model", help="Meta folder, HF folder, .gguf file, or random:7b "
-                   "(13b, 70b, tiny): random weights of that shape (default: the small SmolLM2-135M GGUF)")
+                   "(13b, 70b, tiny, gemma-2b, gemma3-270m): random weights of that shape (default: the small "
+                   "SmolLM2-135M GGUF)")
     p.add_argument("--device", default="auto", help="cuda or cpu (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16 "
                    "(AVX512-BF16 or AMX), fp32 elsewhere")

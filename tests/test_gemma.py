@@ -233,3 +233,13 @@ def test_the_real_gemma3_270m_generates_hfs_tokens(real, num_beams, length):
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, num_beams=num_beams,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours[0].tokens == theirs[0, length:].tolist()
+
+
+def test_chat_uses_gemmas_turns(real):
+    _, tokenizer, _, _ = real
+    ids = tokenizer.format_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert ids[0] == tokenizer.bos_id and tokenizer.decode(ids[1:]) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert tokenizer.encode("<start_of_turn>", bos=False) == [105]  # one control token, never split into pieces
