@@ -25,8 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 import adapters
 import bench
+import generate
 import serve
 
 def mixes(args, context):
@@ -181,7 +184,7 @@ def serving(base, tokenizer, args, device, dtype, path):
         for server, _ in servers.values():
             stop(server)
         for (name, load), measured in runs.items():
-            base = runs["base", load]
+            ref = runs["base", load]
             row = {"section": "serve", "mix": mix, "method": name, "key": name.split(",")[0] if "," in name else
                    next((m for m, s in methods.items() if m and name_of(m, s) == name), None),
                    "tenants": K if name in tenants_of(methods) else 0,
@@ -190,15 +193,41 @@ def serving(base, tokenizer, args, device, dtype, path):
                 row[key] = statistics.median(m[key] for m in measured)
             # throughput against the base model's under the same load; p99 inter-token latency against its too
             for key, of in (("/ base tokens/s", "tokens/s"), ("/ base ITL p99", "ITL p99 ms")):
-                ratio = [m[of] / b[of] for m, b in zip(measured, base)]
+                ratio = [m[of] / b[of] for m, b in zip(measured, ref)]
                 row[key] = statistics.median(ratio)
                 row.setdefault("95% CI", {})[key] = bench.median_interval(ratio)
             if "," in name:  # the base model served otherwise: continuous batching's throughput against it
-                ratio = [b["tokens/s"] / m["tokens/s"] for m, b in zip(measured, base)]
+                ratio = [b["tokens/s"] / m["tokens/s"] for m, b in zip(measured, ref)]
                 row["continuous / it"] = statistics.median(ratio)
                 row["95% CI"]["continuous / it"] = bench.median_interval(ratio)
             rows.append(row)
-    return rows
+    return rows + [engine_step(base, args, device, dtype)]
+
+
+def engine_step(base, args, device, dtype):
+    """The row of the engine's decode step (one token for each of --serve_max_batch rows, over a cache of a Table-4
+    prompt) against the ceiling of the same rows' matrix products, both measured in the same rounds."""
+    a, rows, length = base.args, args.serve_max_batch, args.prompt_len
+    cache = generate.KVCache(a.n_layers, rows, length + 1, a.n_kv_heads, a.head_dim, device,
+                             generate.cache_dtype(base), pad_len=torch.zeros(rows, dtype=torch.long, device=device))
+    tokens = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def step():
+        with torch.inference_mode():
+            bench.sync(device)
+            start = time.perf_counter()
+            generate.decode_step(base, tokens, length, cache)
+            bench.sync(device)
+        return None, time.perf_counter() - start
+
+    jobs = {"step": step, "ceiling": lambda: (None, bench.ceiling_pass(base, device, rows))}
+    bench.warm_up(jobs)
+    results = bench.interleaved(jobs, max(args.runs, 10))
+    ratio = [c[1] / s[1] for s, c in zip(results["step"], results["ceiling"])]
+    return {"section": "serve", "method": "engine decode step", "key": None, "rows": rows,
+            "dtype": str(dtype).removeprefix("torch."), "steps/s": 1 / statistics.median(s[1] for s in results["step"]),
+            "ceiling steps/s": 1 / statistics.median(c[1] for c in results["ceiling"]),
+            "/ ceiling": statistics.median(ratio), "95% CI": {"/ ceiling": bench.median_interval(ratio)}}
 
 
 def tenants_of(methods):

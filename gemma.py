@@ -80,8 +80,8 @@ class GemmaAttention(Attention):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, nkv, S, hd)
         m = mask[kind]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None and T > 1, scale=self.scale,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=m, is_causal=m is None and T > 1,
+                                           scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 

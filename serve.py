@@ -79,7 +79,8 @@ class Batch:
     def __init__(self, model, max_batch, max_len):
         a, weight = model.args, model.tok_embeddings.weight
         self.max_batch, self.max_len = max_batch, max_len
-        self.cache = KVCache(a.n_layers, max_batch, max_len, a.n_kv_heads, a.head_dim, weight.device, weight.dtype)
+        self.cache = KVCache(a.n_layers, max_batch, max_len, a.n_kv_heads, a.head_dim, weight.device,
+                             generate.cache_dtype(model))
         self.rows: list[Request] = []
         self.ends: list[int] = []  # the column each row's writes end before: where it joined + max_new_tokens - 1
         self.c = 0  # the column the next decode step writes, the same for every row
@@ -218,7 +219,8 @@ class Engine:
         """The request's prompt alone, as generate.py runs one prompt: its keys and values, PARA's vectors, and the
         logits of its first token; then, unless that token ends it, it joins the batch."""
         o, a, weight = request.options, self.model.args, self.model.tok_embeddings.weight
-        cache = KVCache(a.n_layers, 1, len(request.prompt), a.n_kv_heads, a.head_dim, weight.device, weight.dtype,
+        cache = KVCache(a.n_layers, 1, len(request.prompt), a.n_kv_heads, a.head_dim, weight.device,
+                        generate.cache_dtype(self.model),
                         adapter_ids=torch.tensor([request.adapter], device=weight.device))
         logits = generate.prefill(self.model, torch.tensor([request.prompt], device=weight.device), cache)
         if o.seed is not None:

@@ -20,8 +20,10 @@ def tiny_folder(tmp_path_factory):
 
 
 def run_bench(folder, capsys, *flags):
-    """bench.main's JSON report on the tiny model: 1 run of everything, prompts of 16 tokens, 4 new tokens."""
-    bench.main(["--model", str(folder), "--device", "cpu", "--threads", "1", "--runs", "1", "--prompt_len", "16",
+    """bench.main's JSON report on the tiny model: 1 run of everything, prompts of 16 tokens, 4 new tokens, fp32 (auto
+    would be bf16 on a CPU with native bf16)."""
+    bench.main(["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--runs", "1",
+                "--prompt_len", "16",
                 "--new_tokens", "4", "--batch", "3", "--json", *flags])
     torch.set_num_threads(1)
     return json.loads(capsys.readouterr().out)
@@ -118,11 +120,13 @@ def test_bench_runs_on_a_random_model_of_a_named_shape(capsys):
 def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batching(tiny_folder, capsys):
     report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "2", "--serve_requests", "4",
                        "--serve_clients", "2", "--serve_rate", "50", "--serve_max_batch", "4")
-    rows = report["rows"]
+    step = [r for r in report["rows"] if r["method"] == "engine decode step"]
+    rows = [r for r in report["rows"] if r["method"] != "engine decode step"]
     methods = {r["method"] for r in rows}
     assert {"base", "base, one at a time", "base, static batches"} <= methods and "PARA r=12" in methods
     assert {r["mix"] for r in rows} == {"table4", "short"}
     assert all(r["tokens/s"] > 0 and r["TTFT p50 ms"] > 0 for r in rows)
+    assert len(step) == 1 and step[0]["rows"] == 4 and 0 < step[0]["/ ceiling"]
     claims = {c["claim"].split(",")[0] for c in report["claims"]}
     assert claims == {"PARA / base tokens/s", "PARA / base p99 inter-token latency",
-                      "continuous batching / one at a time tokens/s"}
+                      "continuous batching / one at a time tokens/s", "engine decode steps/s / ceiling"}
