@@ -314,3 +314,40 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_dir, para_fil
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_rows_move_left_near_the_caches_end_and_right_for_a_longer_prompt_and_still_get_generate_pys_text(
+        tiny_dir, para_files):
+    """The engine driven by hand, one iteration at a time, over a cache of 24 positions: random arrivals of random
+    lengths make the rows move, left by the padding they share near the cache's end, right for a prompt longer than
+    the current column. Every request still gets generate.py's text."""
+    import random
+
+    _, args = serve.parse_args(["--ckpt_dir", str(tiny_dir), "--dtype", "fp32", "--adapter", f"a={para_files[0]}",
+                                "--max_batch", "3", "--max_len", "24"])
+    model, tokenizer = load(str(tiny_dir))
+    bank = serve.Bank(model, args.named)
+    engine = serve.Engine(model, tokenizer, bank, max_batch=3, max_len=24)  # not started: driven below
+    moves, move = [], serve.Batch.move
+    engine.batch.move = lambda d: (moves.append(d) if d and engine.batch.rows else None, move(engine.batch, d))[1]
+    rng, requests = random.Random(3), []
+    for _ in range(300):
+        if rng.random() < 0.3 and len(engine.waiting) < 2:
+            words = " ".join(f"w{rng.randrange(4, 90)}" for _ in range(rng.randint(1, 12)))
+            options = generate.Options(max_new_tokens=rng.randint(2, 24 - 12), temperature=0, eos_id=-1)
+            requests.append(serve.Request(tokenizer.encode(words), options, "a", adapter=bank.rows["a"]))
+            engine.submit(requests[-1])
+        engine.admit()
+        if engine.batch.rows:
+            engine.step()
+    while engine.busy():
+        engine.admit()
+        engine.step()
+    assert len(requests) > 20 and any(d < 0 for d in moves) and any(d > 0 for d in moves)
+    adapted, _ = load(str(tiny_dir))
+    adapters.load_adapter(adapted, [para_files[0]])
+    for r in requests:
+        events = [r.events.get_nowait() for _ in range(r.events.qsize())]
+        text = "".join(v for kind, v in events if kind == "text")
+        assert events[-1][0] == "done" and text == generate.generate(
+            adapted, tokenizer, [r.prompt], max_new_tokens=r.options.max_new_tokens, eos_id=-1)[0].text
