@@ -467,19 +467,23 @@ def read_prompts_file(path):
     return prompts, adapter_files
 
 
+def shown(text, stop):
+    """How much of a completion that is still growing can be shown: whole characters only (a character that spans
+    several byte tokens decodes as U+FFFD until its last byte), and nothing that may begin a stop string."""
+    return len(text.rstrip("\ufffd")) - (max((len(s) for s in stop or []), default=1) - 1)
+
+
 class Printer:
     """Prints one completion as its tokens arrive: whole characters only, and nothing that may begin a stop string."""
 
     def __init__(self, tokenizer, stop):
         self.tokenizer, self.stop, self.tokens, self.printed = tokenizer, stop or [], [], 0
-        self.hold = max((len(s) for s in self.stop), default=1) - 1  # characters that could start a stop string
 
     def __call__(self, i, token):
         self.tokens.append(token)
+        # decoding the whole list each time, not token by token: a character may span several byte tokens
         text = cut_at_stop(self.tokenizer.decode(self.tokens), self.stop)
-        # decoding the whole list each time, not token by token: a character may span several byte tokens,
-        # and is shown as U+FFFD until its last byte arrives
-        safe = len(text.rstrip("\ufffd")) - self.hold
+        safe = shown(text, self.stop)
         if safe > self.printed:
             print(text[self.printed : safe], end="", flush=True)
             self.printed = safe

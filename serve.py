@@ -45,7 +45,7 @@ import torch
 import adapters
 import generate
 from errors import UserError
-from generate import KVCache, Options, cut_at_stop, sample, stop_at
+from generate import KVCache, Options, cut_at_stop, sample, shown, stop_at
 from loaders import DTYPES, default_model_path, load, model_name, pick_device, resolve_dtype
 
 BASE = 0  # the bank's row 0 is a fresh adapter, the identity: requests for the base model use it
@@ -59,7 +59,7 @@ class Request:
     prompt: list  # token ids
     options: Options  # max_new_tokens, temperature, top_p, seed, stop, eos_id
     model: str  # the name the client asked for: an adapter's, or the base model's
-    adapter: int = BASE  # its row of the adapter bank, set when the engine admits it
+    adapter: Optional[int] = BASE  # its row of the adapter bank; None: an --adapter_dir one, loaded on admission
     chat: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -255,9 +255,7 @@ class Engine:
             return self.finish(request, "stop")
         if len(request.tokens) == o.max_new_tokens:
             return self.finish(request, "length")
-        # send only whole characters, and nothing that may begin a stop string
-        hold = max((len(s) for s in o.stop or []), default=1) - 1
-        safe = len(text.rstrip("\ufffd")) - hold
+        safe = shown(text, o.stop)  # whole characters, and nothing that may begin a stop string
         if safe > request.sent:
             request.events.put(("text", text[request.sent:safe]))
             request.sent = safe
