@@ -193,13 +193,13 @@ def tokenize(records, tokenizer, max_seq_len):
     left (after BOS): the answer and the words just before it matter most. A target longer than the window keeps
     its start (max_seq_len - 2 tokens, EOS, and one prompt token fill it)."""
     examples, cut_prompts, cut_targets = [], 0, 0
-    for r in records:
-        prompt = tokenizer.encode(r["prompt"])
-        full = tokenizer.encode(r["prompt"] + r["target"])
+    for prompt, full, target in (pair for r in records for pair in token_pairs(r, tokenizer)):
         if full[:len(prompt)] == prompt:
             target = full[len(prompt):]
         else:  # a merge across the boundary (BPE can join the prompt's last characters with the target's first)
-            target = tokenizer.encode(r["target"], bos=False)
+            target = target()
+        if tokenizer.eos_id in target:  # a chat reply's end of turn: what follows it is the next turn's
+            target = target[:target.index(tokenizer.eos_id)]
         cut_targets += len(target) > max_seq_len - 2
         target = target[:max_seq_len - 2] + [tokenizer.eos_id]
         if len(prompt) + len(target) > max_seq_len:
@@ -207,6 +207,23 @@ def tokenize(records, tokenizer, max_seq_len):
             cut_prompts += 1
         examples.append((prompt, target))
     return examples, cut_prompts, cut_targets
+
+
+def token_pairs(record, tokenizer):
+    """(prompt ids, prompt and target ids, a function giving the target's ids alone) of each example in a record.
+    A prompt/target record is one example. A conversation ({"messages": [...]}) is one example per assistant reply,
+    in the model's chat format: its prompt is the whole conversation before the reply, which is what the model is
+    given when it writes that reply, and all PARA's vector generator reads (README, "Chat")."""
+    if "messages" not in record:
+        return [(tokenizer.encode(record["prompt"]), tokenizer.encode(record["prompt"] + record["target"]),
+                 lambda: tokenizer.encode(record["target"], bos=False))]
+    messages, pairs = record["messages"], []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and m["content"].strip() and any(x["role"] == "user" for x in messages[:k]):
+            prompt = tokenizer.format_chat(messages[:k])  # ends with the assistant's turn opening
+            full = tokenizer.format_chat(messages[:k + 1], add_generation_prompt=False)
+            pairs.append((prompt, full, lambda m=m: tokenizer.encode(m["content"], bos=False)))
+    return pairs
 
 
 def micro_batches(batch, size):
@@ -479,7 +496,7 @@ def load_data(args, folder, tokenizer, model, where):
     max_new_tokens = args.max_new_tokens or min(64, max((len(t) for _, t in train + dev), default=32))
     keep = model.args.max_seq_len - max_new_tokens
     prompts, cut_eval = {}, {}
-    for split in ("dev", "test"):
+    for split in ("dev", "test") if metric_for(folder) else ():  # a chat task has no score by generation
         ids = [tokenizer.encode(r["prompt"]) for r in splits[split]]
         prompts[split] = [truncate_left(p, keep, tokenizer.bos_id) for p in ids]
         cut_eval[split] = sum(len(p) > keep for p in ids)
@@ -726,7 +743,7 @@ def evaluate(run, splits, prompts, max_new_tokens, folder, to_score):
     t_eval, metric, results, predictions = time.time(), metric_for(folder), {}, []
     for split in to_score:
         records = splits[split]
-        if not records:  # SQuAD prepared without its training file has no dev split
+        if not records or metric is None:  # SQuAD without its training file has no dev split; a chat task no score
             results[split] = None
             continue
         preds = generate_all(run, prompts[split], max_new_tokens, split, metric.stop)

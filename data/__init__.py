@@ -31,7 +31,7 @@ from errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent
 # name -> the folder its prepare.py writes; a module name cannot hold a hyphen, so squad-small lives in squad_small
-TASKS = {name: DATA_DIR / name.replace("-", "_") for name in ("copa", "boolq", "squad", "squad-small")}
+TASKS = {name: DATA_DIR / name.replace("-", "_") for name in ("copa", "boolq", "squad", "squad-small", "ultrachat")}
 SPLITS = ("train", "dev", "test")
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true/false", type(None): "null"}
@@ -310,8 +310,33 @@ def resolve_task(task):
     return folder
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def conversation_problem(messages):
+    """What is wrong with a conversation (a chat task's line: {"messages": [...]}), or None."""
+    if not isinstance(messages, list) or not messages:
+        return '"messages" must be a non-empty array of {"role": ..., "content": ...} objects'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or not isinstance(m.get("content"), str):
+            return f'message {i} must be an object {{"role": ..., "content": string}}'
+        if m.get("role") not in ROLES:
+            return f'message {i} has role {shown(m.get("role"))}; the roles are {", ".join(ROLES)}'
+        if m["role"] == "system" and i > 0:
+            return f"message {i} is a system message; only the first message may be one"
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"message {i} holds a lone surrogate (character {e.start}), which is not text; fix that character"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "the conversation never reaches an assistant's reply: there is nothing to train on"
+    return None
+
+
 def _problem(record):
     """What is wrong with one parsed line, or None."""
+    if isinstance(record, dict) and "messages" in record:
+        return conversation_problem(record["messages"])
     if not isinstance(record, dict):
         return f'expected a JSON object with "prompt" and "target", got {JSON_TYPES[type(record)]}'
     for key in ("prompt", "target"):
@@ -413,6 +438,8 @@ def metric_for(task):
     The metric's `stop` is where generation may stop without changing the score: the end of the first line.
     """
     records = load_split(resolve_task(task), "test")
+    if records and any("messages" in r for r in records):
+        return None  # a chat task: dev loss only (its replies have no score here; MMLU is mmlu.py's)
     if records and all("answers" in r for r in records):
         def squad(preds, records):
             first_lines = [p.strip().split("\n")[0] for p in preds]
