@@ -83,7 +83,6 @@ def prepare(src=None, out=HERE, seed=0, allow_missing_train=False, n_dev=500, n_
     held_out, train = split_off(conversations, n_dev + n_test, seed)
     dev, test = held_out[:n_dev], held_out[n_dev:]
     write_splits(out, {"train": train, "dev": dev, "test": test})
-    print(f"wrote {out}: train {len(train)}, dev {len(dev)}, test {len(test)} conversations")
 
 
 if __name__ == "__main__":
