@@ -62,6 +62,7 @@ def server_of(path, dtype, tenants, max_batch, max_len, static=False):
     _, args = serve.parse_args(argv)
     server = serve.start(args)
     server.engine.static = static  # a new batch only when the last one has finished
+    server.quiet = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

@@ -391,13 +391,15 @@ class Server(ThreadingHTTPServer):
         self.engine, self.base_name, self.max_tokens = engine, base_name, max_tokens
         self.in_flight = 0
         self.count = threading.Lock()
+        self.quiet = False  # True: no line per request (bench.py's loads)
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def log_message(self, format, *args):  # one line per request on stderr, as the standard server does, but terse
-        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
     def send_json(self, status, obj):
         body = json.dumps(obj).encode()
