@@ -58,7 +58,12 @@ def scale(l, y):
     The product is taken in fp32 (l is fp32): in bf16, a vector 1 + delta would stay exactly 1 until delta > 0.004,
     and training could not move it. It is handed on in y's dtype, except under autocast (bf16 training), where it
     stays fp32 until the next operation (RoPE, SiLU(G) ⊙ U', a matmul) takes it: cast here, a change smaller than
-    bf16's resolution would round back to y."""
+    bf16's resolution would round back to y.
+
+    Without autograd (generation) an fp32 y is scaled in place: the same numbers, and no new (B, T, d) tensor to
+    allocate and fill (measured: 5% of a 274-token prefill of SmolLM2 under PARA on one CPU thread)."""
+    if y.dtype == torch.float32 and not torch.is_grad_enabled():
+        return y.mul_(l)
     out = l * y.float()
     return out if out.dtype == y.dtype or torch.is_autocast_enabled(y.device.type) else out.to(y.dtype)
 

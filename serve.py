@@ -13,8 +13,10 @@ Four pieces, and the data flows one way through them (nano-vllm's shape):
 - Request: one completion, with its options, its own sampler, and a queue its HTTP thread reads events from. It
   moves from waiting to running to finished.
 - Engine.admit, the scheduler: first in, first out, the waiting request at the head joins the running batch as soon
-  as a row and the cache have room for it (so no request waits forever), after its own prefill: its keys and values,
-  and under PARA its vectors, are computed alone, then copied into the batch.
+  as a row and the cache have room for it (so no request waits forever), with the requests behind it that fit too,
+  up to --prefill_tokens: the group's prompts are prefilled in one forward (their keys and values, and under PARA
+  their vectors), then copied into the batch. Between two decode steps the running rows wait for one such prefill
+  at most.
 - Batch: the running requests as one left-padded batch over one KV cache, as in generate.py. Every row ends at the
   same column c, each decode step writes one token per row there, and a row's padding is the columns before its
   prompt: so each row has its own length. A new row's prompt goes to the columns just before c (all rows move
@@ -85,13 +87,15 @@ class Batch:
         self.ends: list[int] = []  # the column each row's writes end before: where it joined + max_new_tokens - 1
         self.c = 0  # the column the next decode step writes, the same for every row
 
-    def join_column(self, request) -> Optional[int]:
-        """The column c would be when the request joins, or None if it cannot join now. It joins at c if its prompt
-        fits before c, further right if the prompt is longer (every row moves right), further left if the cache's
-        end is near (every row moves left by the padding they share); the rows' writes must stay inside the cache."""
-        if len(self.rows) == self.max_batch:
+    def join_column(self, requests) -> Optional[int]:
+        """The column c would be when the requests (a group prefilled together) join, or None if they cannot join
+        now. They join at c if their prompts fit before c, further right if one is longer (every row moves right),
+        further left if the cache's end is near (every row moves left by the padding they share); the rows' writes
+        must stay inside the cache."""
+        if len(self.rows) + len(requests) > self.max_batch:
             return None
-        L, m = len(request.prompt), request.options.max_new_tokens
+        L = max(len(r.prompt) for r in requests)
+        m = max(r.options.max_new_tokens for r in requests)
         shared = int(self.cache.pad_len.min()) if self.rows else self.c  # every row has this much padding
         for c in (max(self.c, L), max(self.c - shared, L)):
             if c + m - 1 <= self.max_len and all(end + c - self.c <= self.max_len for end in self.ends):
@@ -108,21 +112,31 @@ class Batch:
             self.ends = [end + d for end in self.ends]
         self.c += d
 
-    def join(self, request, prefill, column):
-        """A prefilled request becomes the last row: its prompt's keys and values go to the columns just before c,
-        its per-row state (padding, adapter, PARA's vectors) after the other rows'."""
+    def join(self, joining, prefill, column):
+        """Prefilled requests become the last rows. prefill: their KV cache, left-padded, request j's prompt in the
+        last len(prompt) columns of its row j; joining: the (j, request) pairs that go on past their first token.
+        Each one's prompt keys and values go to the columns just before c, its per-row state (padding, adapter,
+        PARA's vectors) after the other rows'."""
+        if not joining:
+            return
         self.move(column - self.c)
-        B, L, c = len(self.rows), len(request.prompt), self.c
-        for mine, its in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
-            mine[B, :, c - L:c] = its[0, :, :L]
-        cache, device = self.cache, self.cache.k[0].device
+        B, c, width = len(self.rows), self.c, prefill.len
+        picked = torch.tensor([j for j, _ in joining], device=self.cache.k[0].device)
+        for i, (j, request) in enumerate(joining):
+            L = len(request.prompt)
+            for mine, its in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
+                mine[B + i, :, c - L:c] = its[j, :, width - L:width]
+        cache = self.cache
         rows = lambda old, new: new if B == 0 else torch.cat([old, new])
-        cache.pad_len = rows(cache.pad_len, torch.tensor([c - L], device=device))
-        cache.adapter_ids = rows(cache.adapter_ids, torch.tensor([request.adapter], device=device))
-        cache.vectors = {layer: tuple(map(rows, cache.vectors.get(layer, (None,) * 3), its))
+        pads = torch.tensor([c - len(r.prompt) for _, r in joining], device=picked.device)
+        cache.pad_len = rows(cache.pad_len, pads)
+        cache.adapter_ids = rows(cache.adapter_ids, prefill.adapter_ids[picked])
+        cache.vectors = {layer: tuple(rows(old, new[picked]) for old, new in
+                                      zip(cache.vectors.get(layer, (None,) * 3), its))
                          for layer, its in prefill.vectors.items()}
-        self.rows.append(request)
-        self.ends.append(c + request.options.max_new_tokens - 1)
+        for _, request in joining:
+            self.rows.append(request)
+            self.ends.append(c + request.options.max_new_tokens - 1)
 
     def keep(self, rows):
         """Only the rows `rows` (indices, in order) stay; an empty batch starts again at column 0."""
@@ -147,11 +161,12 @@ class Draining(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, bank, max_batch=16, max_len=2048, max_waiting=64):
+    def __init__(self, model, tokenizer, bank, max_batch=16, max_len=2048, max_waiting=64, prefill_tokens=512):
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.batch = Batch(model, max_batch, max_len)
         self.waiting = collections.deque()
         self.max_waiting = max_waiting
+        self.prefill_tokens = prefill_tokens  # a group's padded prompt tokens at most: what stalls the running rows
         self.wake = threading.Condition()
         self.draining = self.stopped = False
         self.static = False  # continuous batching; True: static batches, for bench.py's comparison
@@ -186,26 +201,37 @@ class Engine:
                 self.batch.keep([])
 
     def admit(self):
-        """First in, first out: the head of the queue joins when it fits; nothing overtakes it."""
-        while True:
-            with self.wake:
-                while self.waiting and self.waiting[0].cancelled:
-                    self.waiting.popleft()
-                if not self.waiting:
-                    return
+        """First in, first out: the head of the queue joins when it fits, and the requests behind it join with it
+        while the group fits too and its prompts, padded to the longest, stay within prefill_tokens; nothing
+        overtakes. The group's prefill is one forward, so a burst of arrivals stalls the running rows once, and
+        for as long as prefill_tokens allow, not once per request. Static batches (bench.py's comparison) take
+        every request that fits, but only into an empty batch."""
+        if self.static and self.batch.rows:
+            return
+        group, column = [], None
+        with self.wake:
+            while self.waiting:
                 request = self.waiting[0]
+                if request.cancelled:
+                    self.waiting.popleft()
+                    continue
                 if request.adapter is None:  # a named adapter not in the bank yet (--adapter_dir)
-                    if not self.bank.load(request.model, self.in_use()):
-                        return  # every row of the bank serves a running request: wait for one to finish
+                    if not self.bank.load(request.model, self.in_use() | {r.model for r in group}):
+                        break  # every row of the bank serves a request: wait for one to finish
                     request.adapter = self.bank.rows[request.model]
-                column = self.batch.join_column(request)
-                if column is None or self.static and self.batch.rows:  # static batches: only into an empty batch
-                    return
-                self.waiting.popleft()
+                tokens = (len(group) + 1) * max(len(r.prompt) for r in group + [request])
+                if group and tokens > self.prefill_tokens and not self.static:
+                    break
+                fits = self.batch.join_column(group + [request])
+                if fits is None:
+                    break
+                group.append(self.waiting.popleft())
+                column = fits
+        if group:
             try:
-                self.prefill(request, column)
-            except Exception as e:  # a fault in the engine fails this request only
-                self.fail([request], e)
+                self.prefill(group, column)
+            except Exception as e:  # a fault in the engine fails these requests only
+                self.fail(group, e)
 
     def fail(self, requests, e):
         for r in requests:
@@ -215,18 +241,21 @@ class Engine:
         return {r.model for r in self.batch.rows} | {r.model for r in self.waiting}
 
     @torch.inference_mode()
-    def prefill(self, request, column):
-        """The request's prompt alone, as generate.py runs one prompt: its keys and values, PARA's vectors, and the
-        logits of its first token; then, unless that token ends it, it joins the batch."""
-        o, a, weight = request.options, self.model.args, self.model.tok_embeddings.weight
-        cache = KVCache(a.n_layers, 1, len(request.prompt), a.n_kv_heads, a.head_dim, weight.device,
-                        generate.cache_dtype(self.model),
-                        adapter_ids=torch.tensor([request.adapter], device=weight.device))
-        logits = generate.prefill(self.model, torch.tensor([request.prompt], device=weight.device), cache)
-        if o.seed is not None:
-            request.generator = torch.Generator(weight.device).manual_seed(o.seed)
-        if self.advance(request, logits):
-            self.batch.join(request, cache, column)
+    def prefill(self, group, column):
+        """The group's prompts, as generate.py runs a batch of prompts (left-padded, one forward): their keys and
+        values, under PARA their vectors, and the logits of each one's first token; those that go on join the
+        batch."""
+        a, device = self.model.args, self.model.tok_embeddings.weight.device
+        tokens, pad_len = generate.left_pad([r.prompt for r in group], self.tokenizer.pad_id, device)
+        cache = KVCache(a.n_layers, len(group), tokens.shape[1], a.n_kv_heads, a.head_dim, device,
+                        generate.cache_dtype(self.model), pad_len=pad_len,
+                        adapter_ids=torch.tensor([r.adapter for r in group], device=device))
+        logits = generate.prefill(self.model, tokens, cache)  # (G, vocab)
+        for r in group:
+            if r.options.seed is not None:
+                r.generator = torch.Generator(device).manual_seed(r.options.seed)
+        going_on = [(j, r) for j, r in enumerate(group) if self.advance(r, logits[j:j + 1])]
+        self.batch.join(going_on, cache, column)
 
     @torch.inference_mode()
     def step(self):
@@ -587,6 +616,9 @@ def parse_args(argv=None):
     arg("--max_batch", type=int, default=16, help="requests decoded together at most")
     arg("--max_len", type=int, help="positions of the batch's KV cache: a request's prompt and new tokens must fit "
         "in it (default: the model's context, at most 2048)")
+    arg("--prefill_tokens", type=int, default=512, help="prompt tokens (each padded to the longest) that arrivals "
+        "are prefilled together in, at most: the longest the running requests stall for them (a longer prompt is "
+        "prefilled alone)")
     arg("--max_waiting", type=int, default=64, help="requests waiting at most; more get HTTP 429")
     arg("--max_tokens", type=int, default=256, help="new tokens of a chat completion that does not say (a "
         "completion's default is OpenAI's, 16)")
@@ -596,7 +628,7 @@ def parse_args(argv=None):
     arg("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16, fp32 "
         "elsewhere")
     args = p.parse_args(argv)
-    for flag in ("max_adapters", "max_batch", "max_len", "max_waiting", "max_tokens"):
+    for flag in ("max_adapters", "max_batch", "max_len", "max_waiting", "max_tokens", "prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536 or not args.drain_seconds >= 0:
@@ -623,7 +655,7 @@ def start(args):
     max_len = args.max_len or min(2048, model.args.max_seq_len)
     if max_len > model.args.max_seq_len:
         raise UserError(f"--max_len {max_len} is more than the model's context of {model.args.max_seq_len}")
-    engine = Engine(model, tokenizer, bank, args.max_batch, max_len, args.max_waiting)
+    engine = Engine(model, tokenizer, bank, args.max_batch, max_len, args.max_waiting, args.prefill_tokens)
     engine.thread.start()
     return Server((args.host, args.port), engine, model_name(args.ckpt_dir), args.max_tokens)
 

@@ -155,7 +155,7 @@ def test_streamed_text_equals_the_plain_response_for_completions_and_chat(para_s
 
 def test_the_vector_generator_runs_only_at_each_requests_prefill(para_server):
     calls = []
-    hooks = [block.vector_generator.register_forward_hook(lambda *_: calls.append(1))
+    hooks = [block.vector_generator.register_forward_hook(lambda m, inputs, out: calls.append(len(inputs[0])))
              for block in para_server.engine.model.layers]
     try:
         threads = [threading.Thread(target=lambda p=p: client(para_server).completions.create(
@@ -167,7 +167,8 @@ def test_the_vector_generator_runs_only_at_each_requests_prefill(para_server):
     finally:
         for h in hooks:
             h.remove()
-    assert len(calls) == 3 * len(para_server.engine.model.layers)  # 3 prefills; the decode steps only multiply
+    # each prompt once per layer (one row of a prefill, alone or in a group); the decode steps only multiply
+    assert sum(calls) == 3 * len(para_server.engine.model.layers)
 
 
 def test_models_and_health(para_server):
@@ -321,19 +322,21 @@ def test_rows_move_left_near_the_caches_end_and_right_for_a_longer_prompt_and_st
         tiny_dir, para_files):
     """The engine driven by hand, one iteration at a time, over a cache of 24 positions: random arrivals of random
     lengths make the rows move, left by the padding they share near the cache's end, right for a prompt longer than
-    the current column. Every request still gets generate.py's text."""
+    the current column; arrivals join alone or in groups. Every request still gets generate.py's text."""
     import random
 
     _, args = serve.parse_args(["--ckpt_dir", str(tiny_dir), "--dtype", "fp32", "--adapter", f"a={para_files[0]}",
                                 "--max_batch", "3", "--max_len", "24"])
     model, tokenizer = load(str(tiny_dir))
     bank = serve.Bank(model, args.named)
-    engine = serve.Engine(model, tokenizer, bank, max_batch=3, max_len=24)  # not started: driven below
+    engine = serve.Engine(model, tokenizer, bank, max_batch=3, max_len=24, prefill_tokens=16)  # driven below
     moves, move = [], serve.Batch.move
     engine.batch.move = lambda d: (moves.append(d) if d and engine.batch.rows else None, move(engine.batch, d))[1]
+    groups, prefill = [], engine.prefill
+    engine.prefill = lambda group, column: (groups.append(len(group)), prefill(group, column))[1]
     rng, requests = random.Random(3), []
     for _ in range(300):
-        if rng.random() < 0.3 and len(engine.waiting) < 2:
+        if rng.random() < 0.3 and len(engine.waiting) < 3:
             words = " ".join(f"w{rng.randrange(4, 90)}" for _ in range(rng.randint(1, 12)))
             options = generate.Options(max_new_tokens=rng.randint(2, 24 - 12), temperature=0, eos_id=-1)
             requests.append(serve.Request(tokenizer.encode(words), options, "a", adapter=bank.rows["a"]))
@@ -345,6 +348,7 @@ def test_rows_move_left_near_the_caches_end_and_right_for_a_longer_prompt_and_st
         engine.admit()
         engine.step()
     assert len(requests) > 20 and any(d < 0 for d in moves) and any(d > 0 for d in moves)
+    assert 1 in groups and max(groups) > 1
     adapted, _ = load(str(tiny_dir))
     adapters.load_adapter(adapted, [para_files[0]])
     for r in requests:
@@ -389,3 +393,82 @@ def test_on_the_real_small_model_18_concurrent_requests_get_generate_pys_tokens(
             assert answers[i].choices[0].text == want[0].text, (i, names[i])
     finally:
         stop_server(server)
+
+
+def hand_driven_engine(tiny_dir, para_files, **settings):
+    """An engine of the tiny model and adapter "a", not started: a test drives it one admission or step at a time."""
+    model, tokenizer = load(str(tiny_dir))
+    bank = serve.Bank(model, {"a": para_files[0]})
+    return serve.Engine(model, tokenizer, bank, **settings), tokenizer, bank
+
+
+def finish(engine):
+    while engine.busy():
+        engine.admit()
+        if engine.batch.rows:
+            engine.step()
+
+
+def text_of(request):
+    events = [request.events.get_nowait() for _ in range(request.events.qsize())]
+    assert events[-1][0] == "done"
+    return "".join(v for kind, v in events if kind == "text")
+
+
+def test_a_burst_of_arrivals_is_prefilled_in_groups_of_at_most_prefill_tokens_and_gets_generate_pys_text(
+        tiny_dir, para_files):
+    """Five waiting requests, prompts of 1 to 7 tokens, prefill_tokens 15: the first admission takes the first three
+    (padded to 5 tokens: 15; the fourth would make 4 x 7), the next the last two (2 x 7). Each text is generate.py's for its
+    prompt alone; the base model's rows and the adapter's share the groups."""
+    engine, tokenizer, bank = hand_driven_engine(tiny_dir, para_files, max_batch=8, max_len=40, prefill_tokens=15)
+    forwards = []
+    prefill = generate.prefill
+    words = ["w5 w6", "w9 w10 w11 w12 w13", "w20 w21 w22", "w30 w31 w32 w33 w34 w35 w36", "w40"]
+    requests = [serve.Request(tokenizer.encode(w), generate.Options(max_new_tokens=6, eos_id=-1), name,
+                              adapter=bank.rows[name] if name == "a" else serve.BASE)
+                for w, name in zip(words, ["a", "base", "a", "a", "base"])]
+    assert [len(r.prompt) for r in requests] == [2, 5, 3, 7, 1]
+    for r in requests:
+        engine.submit(r)
+    try:
+        generate.prefill = lambda model, tokens, cache: (forwards.append(tuple(tokens.shape)),
+                                                         prefill(model, tokens, cache))[1]
+        engine.admit()
+        assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2
+        engine.step()
+        engine.admit()
+        assert len(engine.batch.rows) == 5 and not engine.waiting
+        finish(engine)
+    finally:
+        generate.prefill = prefill
+    assert forwards == [(3, 5), (2, 7)]
+    adapted, _ = load(str(tiny_dir))
+    adapters.load_adapter(adapted, [para_files[0]])
+    base, _ = load(str(tiny_dir))
+    for r in requests:
+        model = adapted if r.model == "a" else base
+        want = generate.generate(model, tokenizer, [r.prompt], max_new_tokens=6, eos_id=-1)[0].text
+        assert text_of(r) == want
+
+
+def test_a_prompt_longer_than_prefill_tokens_is_prefilled_alone_and_static_batches_take_all_that_fit(
+        tiny_dir, para_files):
+    engine, tokenizer, bank = hand_driven_engine(tiny_dir, para_files, max_batch=3, max_len=40, prefill_tokens=4)
+    long, short = tokenizer.encode("w5 w6 w7 w8 w9 w10 w11"), tokenizer.encode("w5")
+    options = generate.Options(max_new_tokens=4, eos_id=-1)
+    for prompt in (long, short):
+        engine.submit(serve.Request(prompt, options, "a", adapter=bank.rows["a"]))
+    engine.admit()
+    assert len(engine.batch.rows) == 1 and len(engine.waiting) == 1  # the head alone: 7 tokens > 4, never starved
+    finish(engine)
+
+    engine, tokenizer, bank = hand_driven_engine(tiny_dir, para_files, max_batch=3, max_len=40, prefill_tokens=4)
+    engine.static = True
+    for _ in range(5):
+        engine.submit(serve.Request(long, options, "a", adapter=bank.rows["a"]))
+    engine.admit()
+    assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2  # a static batch: every row it has
+    engine.step()
+    engine.admit()
+    assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2  # nothing joins a running static batch
+    finish(engine)
