@@ -127,6 +127,7 @@ def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batchin
     assert {r["mix"] for r in rows} == {"table4", "short"}
     assert all(r["tokens/s"] > 0 and r["TTFT p50 ms"] > 0 for r in rows)
     assert len(step) == 1 and step[0]["rows"] == 4 and 0 < step[0]["/ ceiling"]
+    assert step[0]["/ ceiling with the cache reads"] > step[0]["/ ceiling"]  # the same rounds, the cache's time added
     claims = {c["claim"].split(",")[0] for c in report["claims"]}
     assert claims == {"PARA / base tokens/s", "PARA / base p99 inter-token latency",
                       "continuous batching / one at a time tokens/s", "engine decode steps/s / ceiling"}
