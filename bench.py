@@ -59,7 +59,6 @@ import statistics
 import sys
 import time
 import zlib
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ import baselines
 import bench_serve
 import generate
 from errors import UserError
-from loaders import DTYPES, default_model_path, load, model_class, native_bf16, pick_device, resolve_dtype
+from loaders import DTYPES, autocast_for, default_model_path, load, model_class, native_bf16, pick_device, resolve_dtype
 from model import ModelArgs
 
 # a fixed English text to cut the prompts from (any text does; this one keeps the model writing, not stopping)
@@ -433,7 +432,7 @@ def training(base, tokenizer, args, device, dtype, path):
     examples, _, _ = train.tokenize(load_split(folder, "train")[:16], tokenizer, 2048)
     tokens, targets, prompt_len = train.collate(examples, tokenizer.pad_id, device)  # one batch, right-padded
     n_targets, n_tokens = (targets != -100).sum(), sum(len(p) + len(t) - 1 for p, t in examples)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    autocast = autocast_for(device, dtype)
 
     def step_of(model, loss_of):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -54,6 +54,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """The context bf16 weights compute in: bf16 autocast, so that the fp32 adapters meet them in matmuls (para.scale
+    says why the adapters stay fp32); a no-op for any other dtype. Reusable: enter it once per forward."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """"auto" is cuda when available, then mps, then cpu; a device this machine cannot use is refused."""
     if name == "auto":

@@ -35,7 +35,7 @@ import generate
 import train
 from data import exact_match_score, f1_score, load_split, resolve_task
 from errors import UserError
-from loaders import load, pick_device, read_args
+from loaders import autocast_for, load, pick_device, read_args
 
 ROOT = Path(__file__).resolve().parent
 
@@ -329,7 +329,7 @@ def prompt_use(args, lr, seeds):
     test = load_split(resolve_task(args.task), "test")
     lines = ["| PARA run | vector | spread across prompts | static part, mean abs(mean - 1) | spread / static | "
              "layers |", "|---|---|---|---|---|---|"]
-    curves, device = {}, pick_device()  # a GPU where the runs had one
+    curves, device = {}, pick_device()  # a GPU where there is one
     for seed in seeds:
         folder = run_dir(args, args.para, lr, seed)
         run = json.loads((folder / "results.json").read_text())
@@ -340,7 +340,7 @@ def prompt_use(args, lr, seeds):
         keep = model.args.max_seq_len - run["max_new_tokens"]
         prompts = [generate.truncate_left(tokenizer.encode(r["prompt"]), keep, tokenizer.bos_id) for r in test]
         prompts.sort(key=len)  # batches of like lengths pad little; the sums do not depend on the order
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with autocast_for(device, dtype):
             stats = vector_statistics(model, tokenizer, prompts)
         layers = sorted(stats)
         for v, name in enumerate(VECTORS):

@@ -36,7 +36,8 @@ from data import TASKS, atomic_write, load_split, metric_for, prepare_task, reso
 from errors import UserError
 from generate import generate, peak_memory, truncate_left
 import runs
-from loaders import DTYPES, default_model_path, load, pick_device, read_args, resolve_dtype, torch_load
+from loaders import (DTYPES, autocast_for, default_model_path, load, pick_device, read_args, resolve_dtype,
+                     torch_load)
 
 
 
@@ -373,9 +374,7 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
 
     torch.manual_seed(seed)  # the adapter's initialisation
     model, tokenizer = load(args.ckpt_dir, device=device, dtype=resolve_dtype(args.dtype, device))
-    # bf16 weights compute under bf16 autocast; the adapter stays fp32 (para.scale says why)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if model.output.weight.dtype == torch.bfloat16 \
-        else nullcontext()
+    autocast = autocast_for(device, model.output.weight.dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
     steps_per_epoch = math.ceil(len(train) / batch_size)

@@ -429,3 +429,18 @@ def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_bf16_elsewhere_wa
         assert loaders.resolve_dtype("auto", cpu) == torch.bfloat16
         loaders.resolve_dtype("bf16", cpu)
         assert capsys.readouterr().err == ""
+
+
+def test_bf16_weights_compute_under_bf16_autocast_and_other_dtypes_under_none():
+    # train.py, bench.py and study.py's prompt use all take this context: an fp32 adapter tensor meets bf16 weights
+    cpu, x, w = torch.device("cpu"), torch.randn(2, 8), torch.randn(8, 3, dtype=torch.bfloat16)
+    with loaders.autocast_for(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and (x @ w).dtype == torch.bfloat16
+    for dtype in (torch.float32, torch.float16):
+        with loaders.autocast_for(cpu, dtype):
+            assert not torch.is_autocast_enabled("cpu")
+    context = loaders.autocast_for(cpu, torch.bfloat16)  # train.py enters one context at every step
+    for _ in range(2):
+        with context:
+            assert torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu")
