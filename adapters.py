@@ -137,8 +137,9 @@ def mark_only_adapter_as_trainable(model: nn.Module):
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter's tensors only (a bank's with their leading dimension n_adapters)."""
-    return {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
+    """The adapter's tensors only (a bank's with their leading dimension n_adapters). Read from the parameters,
+    not model.state_dict(): under FSDP, that one would gather the sharded base model with the other processes."""
+    return {k: p.detach() for k, p in model.named_parameters() if is_adapter_param(k)}
 
 
 def meta_adapter(args: ModelArgs, method: str, settings: dict) -> dict:

@@ -168,26 +168,65 @@ def read_args(path: Optional[str] = None) -> ModelArgs:
 def load(path: Optional[str] = None, device="cpu", dtype=None, max_seq_len: Optional[int] = None):
     """Load (model, tokenizer) from a Meta folder, an HF folder or a .gguf file (default: SmolLM2-135M).
     A missing, malformed or corrupt file raises UserError, before any model is built."""
-    path = path or default_model_path()
-    args, state_dict, tokenizer = readers(path)[1](path)
-    if args.vocab_size <= 0:
-        args.vocab_size = tokenizer.n_words
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    # tied embeddings (SmolLM2): one matrix is the embedding and the LM head; readers list it under both names
-    embedding = state_dict.get("tok_embeddings.weight")
-    tied = embedding is not None and state_dict.get("output.weight") is embedding
-    with torch.device("meta"):  # no memory for random weights we are about to replace
-        model = model_class(args)(args)
-    check_shapes(model, state_dict, path)
+    model, state_dict, tokenizer = build_on_meta(path, max_seq_len)
+    tied = is_tied(state_dict)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items() if not (tied and k == "output.weight")},
                           assign=True, strict=not tied)
     if tied:
         model.output.weight = model.tok_embeddings.weight  # one tensor, not a copy
-    model.freqs_cis = rope_table(args, device)
+    model.freqs_cis = rope_table(model.args, device)
     return model.eval(), tokenizer
+
+
+def build_on_meta(path: Optional[str] = None, max_seq_len: Optional[int] = None):
+    """(model on the meta device, its checkpoint's tensors by name, tokenizer): shapes checked, no weight read yet.
+    The tensors are mapped from disk, or LazyWeight where reading one means computing it (several Meta shards)."""
+    path = path or default_model_path()
+    args, state_dict, tokenizer = readers(path)[1](path)
+    if args.vocab_size <= 0:
+        args.vocab_size = tokenizer.n_words
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    with torch.device("meta"):  # no memory for random weights we are about to replace
+        model = model_class(args)(args)
+    check_shapes(model, state_dict, path)
+    return model, state_dict, tokenizer
+
+
+def is_tied(state_dict: dict) -> bool:
+    """Tied embeddings (SmolLM2, Gemma): one matrix is the embedding and the LM head; readers list it under both
+    names."""
+    embedding = state_dict.get("tok_embeddings.weight")
+    return embedding is not None and state_dict.get("output.weight") is embedding
+
+
+class LazyWeight:
+    """A checkpoint's tensor computed from its files only when read: whole (.to, as load does) or a band of rows
+    (.rows(start, stop), as an FSDP process does, which must never hold the whole model: 140 GB for 70B)."""
+
+    def __init__(self, shape, dtype: torch.dtype, read_rows):
+        self.shape, self.dtype, self.rows = torch.Size(shape), dtype, read_rows
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.rows(0, self.shape[0]).to(*args, **kwargs)
+
+
+def concatenated(parts: list, dim: int) -> LazyWeight:
+    """Meta's model-parallel files, each holding an even slice of a matrix along dim 0 or 1 (SHARD_DIM), as one."""
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    if dim == 1:  # every file holds some columns of every row
+        return LazyWeight(shape, parts[0].dtype, lambda start, stop: torch.cat([p[start:stop] for p in parts], dim=1))
+    offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]  # each file holds a band of rows
+    return LazyWeight(shape, parts[0].dtype, lambda start, stop: torch.cat(
+        [p[max(start - o, 0):max(stop - o, 0)] for p, o in zip(parts, offsets)]))
+
+
+def rows(weight, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a checkpoint's tensor or LazyWeight, reading no others."""
+    return weight.rows(start, stop) if isinstance(weight, LazyWeight) else weight[start:stop]
 
 
 def model_class(args: ModelArgs):
@@ -325,7 +364,7 @@ def read_meta(folder: str):
         if len(shards) == 1 or kind not in SHARD_DIM:
             state_dict[key] = shards[0][key]  # norms are replicated in every shard
         else:
-            state_dict[key] = torch.cat([s[key] for s in shards], dim=SHARD_DIM[kind])
+            state_dict[key] = concatenated([s[key] for s in shards], SHARD_DIM[kind])
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.model"))
     return args, state_dict, tokenizer
 
@@ -338,6 +377,12 @@ def hf_to_meta_rope(w, n_heads):
     Per head, HF row i is Meta row 2i and HF row hd/2+i is Meta row 2i+1: interleave the halves back."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def rope_permuted(w: torch.Tensor, n_heads: int) -> LazyWeight:
+    """hf_to_meta_rope(w), computed when read: an FSDP process reads only its rows of a 70B model's wq and wk."""
+    order = hf_to_meta_rope(torch.arange(len(w))[:, None], n_heads)[:, 0]  # Meta row i is HF row order[i]
+    return LazyWeight(w.shape, w.dtype, lambda start, stop: w[order[start:stop]])
 
 
 GEMMA_HF_NAMES = {version: {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
@@ -448,7 +493,7 @@ def read_hf(folder: str):
             name = f"layers.{i}.{names.get(sub, sub)}"
             heads = {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads}.get(sub)
             if heads and w.shape == (heads * args.head_dim, dim):  # a wrong shape is left for check_shapes to name
-                w = hf_to_meta_rope(w, heads)
+                w = rope_permuted(w, heads)
             elif sub in ("self_attn.q_norm", "self_attn.k_norm") and w.shape == (args.head_dim,):
                 w = hf_to_meta_rope(w[:, None], 1)[:, 0]  # it scales a head's dimensions, which RoPE's layout orders
         else:

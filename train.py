@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapters
+import fsdp
 from baselines import RankAllocator
 from data import TASKS, atomic_write, load_split, metric_for, prepare_task, resolve_task
 from errors import UserError
@@ -98,6 +99,8 @@ def parser():
         "and AdamW in fp32. auto: bf16 on cuda and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere "
         "(a CPU without it emulates bf16, some 47x slower)")
     arg("--grad_checkpointing", action="store_true", help="recompute activations in backward (7B/13B on one GPU)")
+    arg("--fsdp", action="store_true", help="under torchrun: shard the base model over the processes (FSDP2), where "
+        "DDP holds all of it on each; for 13B/70B (fsdp.py)")
     # runs
     arg("--resume", action="store_true", help="continue the run in out_dir from its ckpt.pt (fresh start if none)")
     arg("--overwrite", action="store_true", help="start afresh, deleting the run files in out_dir")
@@ -164,6 +167,8 @@ def check_args(args):
             raise UserError(f"a seed must lie in [0, 2**32), got {seed}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
+    if args.fsdp and args.compile:
+        raise UserError("--compile's decode step holds whole weights, and --fsdp shards them: give one of them")
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +239,15 @@ def micro_batches(batch, size):
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
+def my_micro_batches(examples, where, size):
+    """This process's micro-batches: every world-th example, `size` at a time. Under FSDP, each forward pass
+    gathers weights with every other process, so each runs as many as the busiest one: its extra ones are empty."""
+    mine = micro_batches(examples[where.rank::where.world], size)
+    if where.fsdp:
+        mine += [[]] * (math.ceil(math.ceil(len(examples) / where.world) / size) - len(mine))
+    return mine
+
+
 def collate(examples, pad_id, device):
     """Right-padded inputs (B, T), next-token targets (B, T) with -100 wherever the next token is not part of
     the target (prompt and padding), and prompt_len (B,): PARA reads each row at prompt_len - 1."""
@@ -263,15 +277,16 @@ def answer_loss(model, tokens, targets, prompt_len):
     return loss_sum(logits, targets[at])
 
 
-def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=nullcontext()):
-    """(summed cross-entropy, number of target tokens) over examples, float64 on device, without gradients."""
+def target_loss(model, examples, micro_batch_size, pad_id, device, autocast=nullcontext(), where=None):
+    """(summed cross-entropy, number of target tokens) over examples, float64 on device, without gradients.
+    With `where`, over this process's share of them (train.py sums the shares)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad(), autocast:
-        for i in range(0, len(examples), micro_batch_size):
-            tokens, targets, prompt_len = collate(examples[i:i + micro_batch_size], pad_id, device)
-            total[0] += answer_loss(model, tokens, targets, prompt_len)
-            total[1] += (targets != -100).sum()
+        for micro in my_micro_batches(examples, where or Dist(), micro_batch_size):
+            tokens, targets, prompt_len = collate(micro or examples[:1], pad_id, device)
+            total[0] += answer_loss(model, tokens, targets, prompt_len) * bool(micro)  # empty: a stand-in (FSDP)
+            total[1] += (targets != -100).sum() * bool(micro)
     return total
 
 
@@ -299,6 +314,7 @@ class Dist:
     """This process's place under torchrun; rank 0 alone prints and writes files."""
     rank: int = 0
     world: int = 1
+    fsdp: bool = False  # the base model is sharded: every process must run each forward pass with the others
 
     @property
     def master(self):
@@ -308,7 +324,10 @@ class Dist:
 def main(argv=None):
     args = parse_args(argv)
     # several processes under torchrun: one per GPU (or CPU process with gloo), each holding the whole model
-    ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if "RANK" in os.environ else None
+    ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.fsdp) if "RANK" in os.environ else None
+    if args.fsdp and not ddp:
+        raise UserError("--fsdp shards the model over the processes of torchrun: run it as torchrun "
+                        "--nproc_per_node N train.py --fsdp ...")
     device = pick_device(args.device)
     if ddp and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -373,13 +392,20 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
         return finished
 
     torch.manual_seed(seed)  # the adapter's initialisation
-    model, tokenizer = load(args.ckpt_dir, device=device, dtype=resolve_dtype(args.dtype, device))
-    autocast = autocast_for(device, model.output.weight.dtype)  # bf16 weights: bf16 autocast, fp32 adapter
+    dtype = resolve_dtype(args.dtype, device)
+    if where.fsdp:  # the adapter joins the model before it is sharded (fsdp.py)
+        model, tokenizer = fsdp.load_sharded(args.ckpt_dir, device, dtype, where.world,
+                                             lambda m: attach_adapter(args, m))
+    else:
+        model, tokenizer = load(args.ckpt_dir, device=device, dtype=dtype)
+        attach_adapter(args, model)
+    autocast = autocast_for(device, dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    params, allocator = attach_adapter(args, model, total_steps)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    allocator = rank_allocator(args, model, total_steps)
     n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
     if where.master:
         print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / n_total:.3f}% of "
@@ -511,13 +537,13 @@ def load_data(args, folder, tokenizer, model, where):
     return splits, train, dev, prompts, max_new_tokens, cut_train
 
 
-def attach_adapter(args, model, total_steps):
-    """The method's adapter on the frozen model: its trainable parameters, and AdaLoRA's rank allocator."""
+def attach_adapter(args, model):
+    """The method's adapter on the frozen model; only its tensors are trainable."""
     for p in model.parameters():
         p.requires_grad_(False)
     method = method_of(args)
     if method is None:
-        return {}, None
+        return
     settings = {}
     for flag, setting in method.flags.items():  # the method's settings, from its flags or its defaults
         value = getattr(args, flag)
@@ -530,19 +556,23 @@ def attach_adapter(args, model, total_steps):
     adapters.add_adapter(model, args.method, **settings)
     adapters.mark_only_adapter_as_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
-    if not method.prunes:
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}, None
+
+
+def rank_allocator(args, model, total_steps):
+    """AdaLoRA's rank allocator (None for every other method): its schedule needs the run's number of steps."""
+    if not (method_of(args) and method_of(args).prunes):
+        return None
     tinit = round(0.1 * total_steps) if args.adalora_tinit is None else args.adalora_tinit
     tfinal = round(0.3 * total_steps) if args.adalora_tfinal is None else args.adalora_tfinal
     if tinit + tfinal >= total_steps:
         raise UserError(f"AdaLoRA needs steps to prune in: --adalora_tinit {tinit} + --adalora_tfinal {tfinal} "
                         f"must be fewer than the run's {total_steps} steps")
-    if args.adalora_target_r >= settings["r"]:
-        raise UserError(f"--adalora_target_r {args.adalora_target_r} must be below the initial rank --r "
-                        f"{settings['r']}: AdaLoRA prunes from one to the other")
-    allocator = RankAllocator(model, total_steps, args.adalora_target_r, tinit, tfinal, args.adalora_deltaT,
-                              args.adalora_beta, args.adalora_beta)
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}, allocator
+    r = model.adapter_config["r"]
+    if args.adalora_target_r >= r:
+        raise UserError(f"--adalora_target_r {args.adalora_target_r} must be below the initial rank --r {r}: "
+                        "AdaLoRA prunes from one to the other")
+    return RankAllocator(model, total_steps, args.adalora_target_r, tinit, tfinal, args.adalora_deltaT,
+                         args.adalora_beta, args.adalora_beta)
 
 
 @dataclass
@@ -601,10 +631,10 @@ def train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps):
         # forward and backward, one micro-batch at a time: each adds its summed loss / the batch's target count
         model.train()
         stats = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, tokens processed
-        for micro in micro_batches(batch[where.rank::where.world], args.micro_batch_size):
-            tokens, targets, prompt_len = collate(micro, run.tokenizer.pad_id, run.device)
-            with run.autocast:
-                loss = answer_loss(model, tokens, targets, prompt_len) / n_targets
+        for micro in my_micro_batches(batch, where, args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro or batch[:1], run.tokenizer.pad_id, run.device)
+            with run.autocast:  # an empty micro-batch (FSDP) runs on a stand-in example that counts for nothing
+                loss = answer_loss(model, tokens, targets, prompt_len) / n_targets * bool(micro)
             loss.backward()
             stats += torch.tensor([loss.item(), sum(len(p) + len(t) for p, t in micro)], dtype=torch.float64,
                                   device=run.device)
@@ -665,8 +695,7 @@ def clip_gradients(run, loss, epoch):
 def evaluate_dev(run, dev, pbar):
     """Dev loss; a new best adapter is kept (and saved), and patience runs out."""
     state, args, where = run.state, run.args, run.where
-    total = target_loss(run.model, dev[where.rank::where.world], args.micro_batch_size, run.tokenizer.pad_id,
-                        run.device, run.autocast)
+    total = target_loss(run.model, dev, args.micro_batch_size, run.tokenizer.pad_id, run.device, run.autocast, where)
     if where.world > 1:
         dist.all_reduce(total)
     dev_loss = (total[0] / total[1]).item()
@@ -678,11 +707,12 @@ def evaluate_dev(run, dev, pbar):
         if where.master:
             adapters.save_adapter(run.model, run.out_dir / "adapter.pt", base=args.ckpt_dir or default_model_path())
     write_log(run, {"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
-    pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
-               (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
-    if stop:
-        pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
-        state.done = True
+    if where.master:  # tqdm.write prints even where the bar is disabled
+        pbar.write(f"step {state.step}: dev loss {dev_loss:.4f}" +
+                   (" (best)" if is_best else f" ({state.bad_evals} without a better one)"))
+        if stop:
+            pbar.write(f"early stopping: {args.patience} dev evaluations without a lower dev loss")
+    state.done = state.done or stop
 
 
 # -----------------------------------------------------------------------------
@@ -768,17 +798,19 @@ def evaluate(run, splits, prompts, max_new_tokens, folder, to_score):
 def generate_all(run, prompts, max_new_tokens, split, stop):
     """The generated text of every prompt: longest first, in batches of similar length (less left-padding); each
     process takes every world-th batch. Generation stops at EOS, or at `stop` (beyond which the metric reads
-    nothing)."""
+    nothing). Under FSDP every process generates every batch, in step with the others: each decode step gathers
+    the weights with all of them, and the number of steps depends on the batch."""
     args, where = run.args, run.where
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[i:i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
     preds = {}
-    for b in tqdm(batches[where.rank::where.world], desc=split, disable=not where.master, dynamic_ncols=True):
+    mine = batches if where.fsdp else batches[where.rank::where.world]
+    for b in tqdm(mine, desc=split, disable=not where.master, dynamic_ncols=True):
         with run.autocast:
             outs = generate(run.model, run.tokenizer, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
                             num_beams=args.num_beams, stop=stop, compile=args.compile)
         preds.update({i: out.text for i, out in zip(b, outs)})  # the text before EOS
-    if where.world > 1:
+    if where.world > 1 and not where.fsdp:
         gathered = [None] * where.world
         dist.all_gather_object(gathered, preds)
         preds = {i: p for part in gathered for i, p in part.items()}

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from errors import UserError
-from loaders import default_model_path, load, torch_load
+from loaders import LazyWeight, default_model_path, load, torch_load
 from tiny_llama import (FFN_MULTIPLIER, GQA, MHA, SP_VOCAB, hf_config, hf_twin, random_hf_model, random_model,
                         train_sentencepiece, write_meta_checkpoint, WIDE)
 
@@ -85,6 +85,23 @@ def test_sharded_meta_checkpoint_loads_to_exactly_the_unsharded_logits(tmp_path,
     assert "rope.freqs" in shard
     with torch.no_grad():
         assert torch.equal(load(str(split))[0](tokens()), load(str(whole))[0](tokens()))
+
+
+@pytest.mark.parametrize("kind", ["meta, 4 shards", "hf"])
+def test_a_band_of_rows_read_alone_equals_those_rows_of_the_loaded_weight(tmp_path, sp_model, kind):
+    # what an FSDP process reads (fsdp.py): its rows of each tensor, never the whole model
+    from loaders import build_on_meta, rows
+
+    folder = meta_folder(tmp_path, sp_model, GQA, n_shards=4)[0] if kind != "hf" else hf_folder(tmp_path, sp_model)[0]
+    model, _ = load(str(folder))
+    _, state_dict, _ = build_on_meta(str(folder))
+    lazy = 0
+    for name, p in model.named_parameters():
+        n = len(p)
+        for start, stop in ((0, n), (1, n // 2 + 1), (n // 3, n), (n, n)):  # bands crossing files' boundaries
+            assert torch.equal(rows(state_dict[name], start, stop), p.detach()[start:stop]), (name, start, stop)
+        lazy += isinstance(state_dict[name], LazyWeight)
+    assert lazy == (7 * GQA["n_layers"] + 2 if kind != "hf" else 2 * GQA["n_layers"])  # the split ones; HF: wq, wk
 
 
 def test_max_seq_len_argument_overrides_the_context_and_rope_tables(tmp_path, sp_model):

@@ -448,6 +448,99 @@ def test_two_gloo_processes_train_the_adapter_of_one_process_with_the_same_globa
     assert dev_two == pytest.approx(dev_one, rel=1e-5)
 
 
+def torchrun(argv, env=None, check=True):
+    """train.py under torchrun with two gloo processes on this machine."""
+    # torchrun's own parser would take --r for an abbreviation of its --rdzv..., --role, ... options
+    argv = [{"--r": "--adapter_rank"}.get(f, f) for f in argv]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *argv], cwd=REPO, capture_output=True, text=True,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}), timeout=240)
+    assert run.returncode == 0 or not check, run.stderr[-3000:]
+    return run
+
+
+KILL_AT_STEP = """
+import os, signal, torch
+step, calls = torch.optim.AdamW.step, [0]
+def killed_at_step(self, *args, **kwargs):  # SIGKILL as optimizer step KILL_AT_STEP begins, on the last process
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_STEP"]) and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args, **kwargs)
+torch.optim.AdamW.step = killed_at_step
+"""
+
+
+@pytest.fixture(scope="module")
+def two_shard_model(tiny_model, tmp_path_factory):
+    """The tiny model as Meta ships a large one: split in two model-parallel files, which --fsdp reads row bands of."""
+    from tiny_llama import write_meta_checkpoint
+
+    sd = torch.load(tiny_model / "consolidated.00.pth", weights_only=True)
+    return write_meta_checkpoint(tmp_path_factory.mktemp("two_shards") / "model",
+                                 json.loads((tiny_model / "params.json").read_text()), sd,
+                                 tiny_model / "tokenizer.model", n_shards=2)
+
+
+@pytest.mark.parametrize("method", ["para", "adalora"])
+def test_fsdp_over_two_processes_trains_the_adapter_of_one_process_and_of_ddp(method, two_shard_model, tmp_path):
+    # 21 examples in batches of 8: the last batch of each epoch has 5, so one process runs an empty micro-batch
+    task = write_task(tmp_path / "task", {"train": task_records(21, 0), "dev": task_records(7, 1),
+                                          "test": task_records(5, 2)})
+    common = ("--batch_size", 8, "--micro_batch_size", 2, "--epochs", 2, "--eval_interval", 3, "--device", "cpu",
+              "--grad_checkpointing", *(["--adalora_tinit", 1, "--adalora_tfinal", 1] if method == "adalora" else []))
+    torchrun(flags(task, two_shard_model, tmp_path / "fsdp", method, *common, "--fsdp"))
+    torchrun(flags(task, two_shard_model, tmp_path / "ddp", method, *common))
+    one = train.main(flags(task, two_shard_model, tmp_path / "one", method, *common))
+    results = {d: json.loads((tmp_path / d / "results.json").read_text()) for d in ("fsdp", "ddp")}
+    assert results["fsdp"]["world_size"] == 2 and results["fsdp"]["steps"] == one["steps"] == 6
+    tensors = {d: adapter_tensors(tmp_path / d / "adapter.pt", two_shard_model) for d in ("fsdp", "ddp", "one")}
+    for name in tensors["one"]:
+        # the same sums in the same order as DDP: bit-equal (every method, measured); one process sums the two
+        # halves of each step in another order: 1.3e-6 apart at most, on values near 1 ((IA)^3, PARA's bias)
+        assert torch.equal(tensors["fsdp"][name], tensors["ddp"][name]), name
+        torch.testing.assert_close(tensors["fsdp"][name], tensors["one"][name], rtol=1e-4, atol=1e-6)
+    dev = {d: [r["dev_loss"] for r in read_log(tmp_path / d / "log.jsonl") if "dev_loss" in r]
+           for d in ("fsdp", "ddp", "one")}
+    assert dev["fsdp"] == dev["ddp"] and dev["fsdp"] == pytest.approx(dev["one"], rel=1e-5)
+    assert results["fsdp"]["test"] == one["test"]  # every process generated every batch, in step
+
+
+def test_an_fsdp_run_killed_and_resumed_ends_bit_equal_to_one_never_killed(two_shard_model, tmp_path):
+    task = write_task(tmp_path / "task", {"train": task_records(21, 0), "dev": task_records(7, 1),
+                                          "test": task_records(5, 2)})
+    common = ("--batch_size", 8, "--micro_batch_size", 2, "--epochs", 3, "--eval_interval", 3, "--device", "cpu",
+              "--fsdp", "--eval_splits", "none")
+    torchrun(flags(task, two_shard_model, tmp_path / "whole", "para", *common))
+    # a process of torchrun is SIGKILLed as step 5 begins: ckpt.pt holds step 3 (the last dev evaluation)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_AT_STEP)
+    killed = torchrun(flags(task, two_shard_model, tmp_path / "killed", "para", *common), check=False,
+                      env={"PYTHONPATH": str(tmp_path / "hook"), "KILL_AT_STEP": "5"})
+    assert killed.returncode != 0
+    assert torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["state"]["step"] == 3
+    torchrun(flags(task, two_shard_model, tmp_path / "killed", "para", *common, "--resume"))
+    whole, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    for key in ("adapter", "best_adapter"):
+        assert whole[key].keys() == resumed[key].keys()
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
+    moments = lambda ckpt: [t for s in ckpt["optimizer"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+    assert all(torch.equal(a, b) for a, b in zip(moments(whole), moments(resumed)))
+    assert without_timing(read_log(tmp_path / "killed" / "log.jsonl")) == \
+        without_timing(read_log(tmp_path / "whole" / "log.jsonl"))
+
+
+def test_fsdp_outside_torchrun_or_with_compile_is_refused_saying_what_to_run(tiny_task, tiny_model, tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match=r"run it as torchrun --nproc_per_node N train.py --fsdp"):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--fsdp"))
+    with pytest.raises(SystemExit):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", "para", "--fsdp", "--compile"))
+    assert "--compile's decode step holds whole weights, and --fsdp shards them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_line_writes_the_adapter_log_and_results_on_a_tiny_model(tiny_task, tiny_model, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "train.py", *flags(tiny_task, tiny_model, out, "para", "--max_steps", 2,
