@@ -19,6 +19,8 @@ Loading: the model is built on the meta device, with the adapter; fully_shard sp
 allocates each process's own shards only, filled from the checkpoint's rows they cover (a Meta or HF checkpoint is
 mapped from disk, so only those rows are read). No process holds the whole model, in memory or on its GPU.
 """
+import copy
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -31,6 +33,7 @@ def load_sharded(path, device: torch.device, dtype: torch.dtype, world: int, att
     """(model, tokenizer): the model of `path` sharded over `world` processes, with the adapter that attach(model)
     adds to it whole on every process. Call it on every process, after init_process_group."""
     model, state_dict, tokenizer = build_on_meta(path)
+    skeleton = copy.deepcopy(model)  # on the meta device: no memory
     model.to(dtype)  # the base weights' dtype, before the adapter (fp32) joins
     if is_tied(state_dict):
         model.output.weight = model.tok_embeddings.weight
@@ -42,7 +45,7 @@ def load_sharded(path, device: torch.device, dtype: torch.dtype, world: int, att
     fully_shard(model, mesh=mesh, ignored_params=adapter)
     model.to_empty(device=device)  # memory for this process's shards (and the whole adapter), uninitialised
 
-    fresh = fresh_adapter(path, device, dtype, attach)
+    fresh = fresh_adapter(skeleton, device, dtype, attach)
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied head is listed once, as tok_embeddings.weight
             if p.requires_grad:  # the adapter (to_empty made new tensors: `adapter` holds the meta ones)
@@ -56,11 +59,10 @@ def load_sharded(path, device: torch.device, dtype: torch.dtype, world: int, att
     return model.eval(), tokenizer
 
 
-def fresh_adapter(path, device, dtype, attach) -> dict:
+def fresh_adapter(skeleton, device, dtype, attach) -> dict:
     """The adapter's initial tensors by name, drawn from the seed as on a loaded model (train.py seeds before it
-    loads): attached to a copy of the model whose base tensors are stand-ins, each a zero-stride view of one
-    element, with its shape and no memory."""
-    skeleton = build_on_meta(path)[0]
+    loads): attached to the skeleton, a copy of the model whose base tensors become stand-ins, each a zero-stride
+    view of one element, with its shape and no memory."""
     for module in skeleton.modules():
         for name, p in module.named_parameters(recurse=False):
             stand_in = torch.zeros((), dtype=dtype, device=device).expand(p.shape)
