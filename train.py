@@ -7,6 +7,8 @@ default:
     python train.py --task copa --method none            # zero-shot: the base model, no adapter
     python train.py --task boolq --ckpt_dir llama-2-7b --grad_checkpointing --seeds 1,2,3,4,5
     torchrun --nproc_per_node 8 train.py --task squad --ckpt_dir llama-2-7b --adapter_rank 12 --micro_batch_size 4
+    torchrun --nproc_per_node 8 train.py --fsdp --task boolq --ckpt_dir llama-2-70b --grad_checkpointing
+    python train.py --plan --model llama-2-70b --nproc 8 --fsdp --gpu_mem 80   # memory per GPU, before a run
 
 Out folder: adapter.pt (best on dev), ckpt.pt (to --resume), log.jsonl (one line per step and per dev
 evaluation), predictions.jsonl and results.json. With --seeds, one such folder per seed (seed1/, ...) and a
@@ -322,6 +324,11 @@ class Dist:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "--plan" in argv:  # the memory a run needs per GPU, from the config alone (plan.py)
+        import plan
+
+        return plan.main([a for a in argv if a != "--plan"])
     args = parse_args(argv)
     # several processes under torchrun: one per GPU (or CPU process with gloo), each holding the whole model
     ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.fsdp) if "RANK" in os.environ else None
