@@ -7,10 +7,11 @@ fully_shard), where DDP holds all of it on every GPU: 70B in bf16 is 140 GB, mor
 What is sharded, and what is not:
 - The base weights are sharded: each block is one FSDP unit, the embedding, final norm and head the root's. A
   block's weights are gathered just before it runs (forward, and backward's recompute), then freed again.
-- The adapter is not. It is a few MB even on 70B (PARA: 9.5M parameters, 150 MB with its gradients and AdamW's
-  moments), so every process keeps it whole (FSDP's ignored_params), and train.py all-reduces its gradients as
-  under DDP. So AdaLoRA's allocator reads full gradients, clipping and AdamW are the single-process code, and
-  adapter.pt and ckpt.pt are rank 0's files in the one-process format, which generate.py loads on one device.
+- The adapter is not. It is small even on 70B (PARA: 47M parameters, 0.76 GB in fp32 with its gradients and
+  AdamW's two moments, against 140 GB of base), so every process keeps it whole (FSDP's ignored_params), and
+  train.py all-reduces its gradients as under DDP. So AdaLoRA's allocator reads full gradients, clipping and
+  AdamW are the single-process code, and adapter.pt and ckpt.pt are rank 0's files in the one-process format,
+  which generate.py loads on one device.
 - Precision: base weights are stored in the run's dtype (bf16 on GPUs: a frozen base needs no fp32 master copy),
   so shards and their all-gathers are half the size; the adapter stays fp32 and runs under the same bf16 autocast
   as a single-GPU run.
