@@ -330,7 +330,8 @@ def main(argv=None):
 
         return plan.main([a for a in argv if a != "--plan"])
     args = parse_args(argv)
-    # several processes under torchrun: one per GPU (or CPU process with gloo), each holding the whole model
+    # several processes under torchrun: one per GPU (or CPU process, with gloo), each holding the whole model, or
+    # with --fsdp its shard of it
     ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.fsdp) if "RANK" in os.environ else None
     if args.fsdp and not ddp:
         raise UserError("--fsdp shards the model over the processes of torchrun: run it as torchrun "
