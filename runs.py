@@ -10,13 +10,15 @@ A training run's folder (train.py's --out_dir), kept so that a user's work is ne
 """
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 from data import is_temporary
 from errors import UserError
-from loaders import file_hash, model_files
+from loaders import FINE_TUNED, file_hash, model_files
 
-RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json")  # what a run writes
+# what a run writes: FINE_TUNED is a folder, the model a full fine-tune saves (train.py --method full)
+RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json", FINE_TUNED)
 LOCK = ".train.lock"  # held by the run writing the folder; it holds that run's PID
 CKPT_KEYS = {"adapter", "best_adapter", "optimizer", "state", "allocator", "log_bytes", "settings", "inputs"}
 
@@ -62,10 +64,18 @@ def clean_up(out_dir: Path, fresh: bool):
     fresh start, also the files of an earlier run, which would mix with this run's."""
     for path in out_dir.iterdir():
         if any(is_temporary(path, out_dir / name) for name in RUN_FILES):
-            path.unlink()
+            remove(path)
     if fresh:
         for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+            remove(out_dir / name)
+
+
+def remove(path: Path):
+    """A run's file, or its model folder, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------

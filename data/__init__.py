@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shutil
 import string
 import sys
 import urllib.request
@@ -58,7 +59,8 @@ def is_temporary(candidate, path) -> bool:
 def atomic_write(path, write):
     """write(tmp_path), then rename it over path: a crash at any moment leaves either the old file or the new one.
     Every file the project writes (splits, adapters, checkpoints, logs of results) goes through here. A full disk
-    is a UserError that says the old file is intact."""
+    is a UserError that says the old file is intact. write may make a folder at tmp_path (a full fine-tune's model),
+    which then replaces a path that is not there yet (os.replace cannot put a folder over another)."""
     path, tmp = Path(path), tmp_name(path)
     try:
         write(tmp)
@@ -71,7 +73,10 @@ def atomic_write(path, write):
                         f"writing {path.name}: {kept}. Free some space, then run the command again (train.py: "
                         "with --resume)") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():  # a folder left half written
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def free_bytes(folder) -> int:
