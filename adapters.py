@@ -8,6 +8,10 @@ adapter adapter_ids[i]).
 
 Attaching never rebuilds a loaded module: the method changes its class in place (a TransformerBlock becomes a
 PARABlock, an nn.Linear an IA3Linear) and adds its own tensors, so the base weights keep their tensors and names.
+
+Full fine-tuning (Table 2's Full-FT, the paper's upper reference) is in the registry too, as the method whose
+"adapter" is the whole model: it adds nothing and trains every weight, and what it saves is the model itself (a
+checkpoint folder, loaders.save), never an adapter file.
 """
 import dataclasses
 import os
@@ -22,7 +26,7 @@ import baselines
 import para
 from data import atomic_write
 from errors import UserError, shorten
-from loaders import model_class, model_fingerprint, model_name
+from loaders import FINE_TUNED, model_class, model_fingerprint, model_name
 from model import ModelArgs, Transformer, TransformerBlock
 
 # -----------------------------------------------------------------------------
@@ -32,6 +36,10 @@ WHOLE, NUMBER, NAMES = (int,), (int, float), (list, tuple)
 TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of matrix names"}
 PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
 PAPER_LR = 1e-4  # the paper's learning rate, for every method (section 4.3)
+# Full fine-tuning's: the paper gives none. Llama 2's own supervised fine-tuning used 2e-5 (Touvron et al. 2023,
+# section 3.1), as Alpaca did on LLaMA: a step that moves every weight must be some 5x smaller than an adapter's
+FULL_FT_LR = 2e-5
+STUDY_LRS = "3e-4,1e-3,3e-3"  # study.py's first grid of learning rates, tried on dev (half decades; it can grow)
 MAX_SIZE = 1 << 20  # no rank or bottleneck is larger: a bigger one in a file is damage, refused before any allocation
 
 
@@ -48,9 +56,18 @@ class Method:
     lr: float = PAPER_LR  # its learning rate when none is given
     reads_prompt: bool = False  # its blocks take each row's prompt_len and a store of vectors (block_args)
     prunes: bool = False  # train.py runs AdaLoRA's RankAllocator on it
+    full: bool = False  # every base weight trains, and the model itself is saved (no adapter, no bank)
+    lrs: str = STUDY_LRS  # study.py's first grid of learning rates for it
 
 
 PARA, IA3 = "para", "ia3"  # the two methods other files name: the subject, and its cost and static reference
+
+
+def add_full(model):
+    """Full fine-tuning adds nothing to the model: its weights are what trains (mark_only_adapter_as_trainable)."""
+    return {}
+
+
 LORA_FLAGS = {"r": "r", "lora_alpha": "alpha", "lora_targets": "targets"}
 METHODS = {
     PARA: Method("PARA", para.add_para, {"r": WHOLE}, {"r": "r"}, "r", default_size=PARA_R, reads_prompt=True),
@@ -62,6 +79,7 @@ METHODS = {
                                                                       "orth_reg_weight")},
                       "r", default_size=12, prunes=True),
     "houlsby": Method("Houlsby", baselines.add_houlsby, {"size": WHOLE}, {"r": "size"}, "size", "m", matched=True),
+    "full": Method("Full-FT", add_full, {}, {}, lr=FULL_FT_LR, full=True, lrs="1e-5,3e-5,1e-4"),
 }
 NONE = "none"  # train.py --method none: the base model alone (zero-shot)
 # Named variants, key -> (label, method, settings). PARA's "static twin" is (IA)^3 on exactly the projections PARA
@@ -92,6 +110,8 @@ def add_adapter(model: Transformer, method: str = PARA, n_adapters: int = 1, **s
     if getattr(model, "adapter_config", None):
         raise UserError(f"the model already has a {model.adapter_config['method']} adapter")
     check_settings(method, settings)
+    if METHODS[method].full and n_adapters > 1:
+        raise UserError("full fine-tuning trains the model itself: there is no adapter to put in a bank")
     config = {"method": method, **METHODS[method].add(model, **settings)}
     if n_adapters > 1:
         make_bank(model, n_adapters)
@@ -132,8 +152,11 @@ def is_adapter_param(name: str) -> bool:
 
 
 def mark_only_adapter_as_trainable(model: nn.Module):
+    """Only the adapter's tensors train; under full fine-tuning, whose adapter is the model, every weight does."""
+    config = getattr(model, "adapter_config", None)
+    full = bool(config) and METHODS[config["method"]].full
     for name, p in model.named_parameters():
-        p.requires_grad = is_adapter_param(name)
+        p.requires_grad = full or is_adapter_param(name)
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
@@ -151,8 +174,16 @@ def meta_adapter(args: ModelArgs, method: str, settings: dict) -> dict:
     return adapter_state_dict(model)
 
 
-def count_parameters(args: ModelArgs, method: str = PARA, **settings) -> int:
-    """Trainable parameters of one adapter, counted on the meta device: no weights are allocated."""
+def count_parameters(args: ModelArgs, method: str = PARA, tied: bool = False, **settings) -> int:
+    """Trainable parameters of one adapter, counted on the meta device: no weights are allocated. Full fine-tuning's
+    are the model's own, args giving the vocabulary's size; an embedding tied to the LM head counts once (tied: as
+    SmolLM2's, loaders.is_tied; a Gemma's always is)."""
+    if METHODS[method].full:
+        with torch.device("meta"):
+            model = model_class(args)(args)
+        if tied:
+            model.output.weight = model.tok_embeddings.weight  # one matrix, as loaders.load ties them
+        return sum(p.numel() for p in model.parameters())  # each parameter once
     return sum(t.numel() for t in meta_adapter(args, method, settings).values())
 
 
@@ -298,6 +329,10 @@ def read_adapter_file(path) -> dict:
     """An adapter file's contents, checked: the format, the header, and tensors that are floating point and finite."""
     if not os.path.exists(path):
         raise UserError(f"adapter file {str(path)!r} not found")
+    for model in (str(path), os.path.join(path, FINE_TUNED)):  # a model's folder (a full fine-tune's), or its run's
+        if any(os.path.isfile(os.path.join(model, config)) for config in ("config.json", "params.json")):
+            raise UserError(f"{str(path)!r} holds a model, not an adapter: load {model!r} with --ckpt_dir, the base "
+                            "model's flag (a full fine-tune saves the model itself)")
     if not os.path.isfile(path):  # a folder, a FIFO (reading it would wait forever), a device
         raise UserError(f"adapter file {str(path)!r} is not a regular file: give the path of an adapter.pt")
     try:
@@ -312,10 +347,17 @@ def read_adapter_file(path) -> dict:
           and all(isinstance(payload.get(k), dict) for k in ("config", "base", "shapes", "tensors"))
           and all(isinstance(t, torch.Tensor) for t in payload["tensors"].values())
           and {k: list(t.shape) for k, t in payload["tensors"].items()} == payload["shapes"])
+    if not ok and isinstance(payload, dict) and {"optimizer", "settings"} <= payload.keys():
+        raise UserError(f"{str(path)!r} is train.py's checkpoint to --resume from, not an adapter file: the run's "
+                        f"adapter is adapter.pt beside it (a full fine-tune's model: the {FINE_TUNED}/ folder beside "
+                        "it, loaded with --ckpt_dir)")
     if not ok:
         raise UserError(f"{str(path)!r} is not a {FILE_FORMAT} adapter file, or its tensors don't match its header")
     config = dict(payload["config"])
     check_settings(config.pop("method", None), config, source=f"adapter file {str(path)!r}")
+    if METHODS[payload["config"]["method"]].full:
+        raise UserError(f"{str(path)!r} names full fine-tuning, which saves a model (loaded with --ckpt_dir), never an "
+                        "adapter file")
     for name, t in payload["tensors"].items():
         if not t.is_floating_point() or not torch.isfinite(t).all():
             what = f"{t.dtype} values" if not t.is_floating_point() else "NaN or infinite values"
@@ -383,11 +425,13 @@ def load_adapter(model: Transformer, paths, base: Optional[str] = None, any_base
 
 
 if __name__ == "__main__":
-    models = {"Llama-2 7B": ModelArgs(dim=4096, n_layers=32, n_heads=32),
-              "Llama-2 13B": ModelArgs(dim=5120, n_layers=40, n_heads=40),
+    # the vocabulary counts for full fine-tuning alone (the embedding; SmolLM2's and Gemma's is tied to the LM head)
+    models = {"Llama-2 7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+              "Llama-2 13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
               "Llama-2 70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
-                                       multiple_of=4096),
-              "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)}
+                                       multiple_of=4096, vocab_size=32000),
+              "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                                        vocab_size=49152)}
     from gemma import GemmaArgs  # here: gemma.py imports this file
 
     models |= {"Gemma 2B": GemmaArgs(version=1, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256,
@@ -397,4 +441,5 @@ if __name__ == "__main__":
     for name, args in models.items():
         rows = [(label(m, compared_size(args, m)), m, compared_size(args, m)) for m in METHODS] + [*VARIANTS.values()]
         rows.insert(2, ("LoRA r=8 (PEFT's default)", "lora", {"r": 8}))
-        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, **s):,}" for row, m, s in rows))
+        tied = name.startswith("SmolLM2")  # its GGUF stores one matrix for the embedding and the LM head
+        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, tied, **s):,}" for row, m, s in rows))

@@ -1,10 +1,11 @@
 """
-Fine-tune LLaMA-2 on one task with PARA (or a baseline: (IA)^3, LoRA, AdaLoRA, Houlsby), keep the adapter that
-is best on dev loss, and report dev and test metrics from generation. The paper's recipe (section 4.3) is the
-default:
+Fine-tune LLaMA-2 on one task with PARA (or a baseline: (IA)^3, LoRA, AdaLoRA, Houlsby, or full fine-tuning), keep
+the adapter that is best on dev loss, and report dev and test metrics from generation. The paper's recipe (section
+4.3) is the default:
 
     python train.py --task copa --r 12                   # the small default model, on a CPU laptop
     python train.py --task copa --method none            # zero-shot: the base model, no adapter
+    python train.py --task copa --method full            # every weight trains; the model is saved in model/
     python train.py --task boolq --ckpt_dir llama-2-7b --grad_checkpointing --seeds 1,2,3,4,5
     torchrun --nproc_per_node 8 train.py --task squad --ckpt_dir llama-2-7b --adapter_rank 12 --micro_batch_size 4
     torchrun --nproc_per_node 8 train.py --fsdp --task boolq --ckpt_dir llama-2-70b --grad_checkpointing
@@ -12,7 +13,8 @@ default:
 
 Out folder: adapter.pt (best on dev), ckpt.pt (to --resume), log.jsonl (one line per step and per dev
 evaluation), predictions.jsonl and results.json. With --seeds, one such folder per seed (seed1/, ...) and a
-results.json with each seed and the median.
+results.json with each seed and the median. Full fine-tuning saves no adapter.pt but the model itself, best on
+dev, in model/ (an HF folder, loaders.save: python generate.py --ckpt_dir OUT/model), once training ends.
 """
 import argparse
 import json
@@ -39,8 +41,8 @@ from data import TASKS, atomic_write, load_split, metric_for, prepare_task, reso
 from errors import UserError
 from generate import generate, peak_memory, truncate_left
 import runs
-from loaders import (DTYPES, autocast_for, default_model_path, load, pick_device, read_args, resolve_dtype,
-                     torch_load)
+from loaders import (DTYPES, FINE_TUNED, autocast_for, default_model_path, load, pick_device, read_args,
+                     resolve_dtype, save, torch_load)
 
 
 
@@ -67,7 +69,8 @@ def parser():
     arg("--out_dir", help="where the adapter, log and results go (default: out/<task>-<method>)")
     adapter_flags(arg)
     # the paper's optimisation recipe (section 4.3); the rest are HF Trainer's defaults, as the paper says
-    arg("--lr", type=float, help="the peak learning rate (default: the method's, the paper's 1e-4 for each)")
+    arg("--lr", type=float, help="the peak learning rate (default: the method's: the paper's 1e-4 for each adapter, "
+        f"{adapters.FULL_FT_LR:g} for full fine-tuning, as Llama 2's own fine-tuning)")
     arg("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay; 0 as in HF's Trainer")
     arg("--warmup_ratio", type=float, default=0.06, help="linear warmup over this share of the steps, then decay to 0")
     arg("--grad_clip", type=float, default=1.0, help="clip the gradient norm (HF's Trainer default); 0 turns it off")
@@ -98,8 +101,8 @@ def parser():
     arg("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun "
         "cuda:LOCAL_RANK)")
     arg("--dtype", default="auto", choices=DTYPES, help="bf16: base weights in bf16 and bf16 autocast, the adapter "
-        "and AdamW in fp32. auto: bf16 on cuda and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere "
-        "(a CPU without it emulates bf16, some 47x slower)")
+        "and AdamW in fp32 (full fine-tuning: every weight in fp32, under bf16 autocast). auto: bf16 on cuda and on "
+        "CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere (a CPU without it emulates bf16, some 47x slower)")
     arg("--grad_checkpointing", action="store_true", help="recompute activations in backward (7B/13B on one GPU)")
     arg("--fsdp", action="store_true", help="under torchrun: shard the base model over the processes (FSDP2), where "
         "DDP holds all of it on each; for 13B/70B (fsdp.py)")
@@ -171,6 +174,13 @@ def check_args(args):
         raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.fsdp and args.compile:
         raise UserError("--compile's decode step holds whole weights, and --fsdp shards them: give one of them")
+    if method_of(args) and method_of(args).full and args.fsdp:  # fsdp.py keeps every trainable tensor whole
+        raise UserError("--method full with --fsdp is not supported yet: --fsdp shards only the frozen base model, and "
+                        "under full fine-tuning every weight trains. Drop --fsdp (one process, or DDP under torchrun, "
+                        "each holding the whole model: train.py prints what that needs)")
+    if method_of(args) and method_of(args).full and args.dtype == "fp16":
+        raise UserError("--method full trains fp32 weights under bf16 autocast; fp16 would need loss scaling, which "
+                        "train.py does not do: give --dtype bf16 or fp32")
 
 
 # -----------------------------------------------------------------------------
@@ -401,11 +411,12 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
 
     torch.manual_seed(seed)  # the adapter's initialisation
     dtype = resolve_dtype(args.dtype, device)
+    full = bool(method_of(args) and method_of(args).full)
     if where.fsdp:  # the adapter joins the model before it is sharded (fsdp.py)
         model, tokenizer = fsdp.load_sharded(args.ckpt_dir, device, dtype, where.world,
                                              lambda m: attach_adapter(args, m))
-    else:
-        model, tokenizer = load(args.ckpt_dir, device=device, dtype=dtype)
+    else:  # weights that train are fp32, as an adapter is: AdamW's steps of 2e-5 would mostly round away in bf16
+        model, tokenizer = load(args.ckpt_dir, device=device, dtype=torch.float32 if full else dtype)
         attach_adapter(args, model)
     autocast = autocast_for(device, dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
@@ -419,12 +430,16 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
         print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / n_total:.3f}% of "
               f"{n_total:,}); {len(train)} train examples, batch {batch_size}, {steps_per_epoch} steps/epoch, at "
               f"most {total_steps} steps")
+        if full:
+            print(full_ft_memory(n_trainable, device, dtype, where.world))
     optimizer = torch.optim.AdamW(params.values(), lr=lr_of(args), weight_decay=args.weight_decay) if params else None
     run = Run(args, out_dir, model, tokenizer, params, optimizer, allocator, autocast, device, where, settings,
               inputs, RunState(done=args.method == adapters.NONE), {n: p.detach().clone() for n, p in params.items()})
     restore(run, ckpt)
     try:
         train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps)
+        if full:
+            save_model(run)
         scores = evaluate(run, splits, prompts, max_new_tokens, folder, to_score)
     except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, not a traceback
         raise Interrupted(run) from None
@@ -440,6 +455,26 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
         write_json(out_dir / "results.json", results)
         print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")
     return results
+
+
+def full_ft_memory(n_weights, device, dtype, world):
+    """What full fine-tuning holds, from the parameter count: each weight in fp32 (4 bytes) as itself, its gradient,
+    AdamW's two moments (exp_avg, exp_avg_sq) and the best on dev; under bf16 autocast, the bf16 copy each forward
+    makes and backward keeps; under torchrun, the flat buffer of the gradients' all-reduce. Activations come on top."""
+    copy = 4 * n_weights  # bytes
+    parts = {"the weights": copy, "their gradients": copy, "AdamW's two moments": 2 * copy,
+             "the best weights on dev": copy}
+    if dtype == torch.bfloat16:
+        parts["autocast's bf16 copy"] = copy // 2
+    if world > 1:
+        parts["the all-reduce buffer"] = copy
+
+    def size(b):
+        return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
+
+    return (f"full fine-tuning of {n_weights:,} weights in fp32 needs, before activations, on {device}: "
+            + " + ".join(f"{name} {size(b)}" for name, b in parts.items()) + f" = {size(sum(parts.values()))}; on "
+            f"disk, ckpt.pt {size(4 * copy)} (the weights, the best ones, the moments) and {FINE_TUNED}/ {size(copy)}")
 
 
 def method_of(args):
@@ -546,7 +581,7 @@ def load_data(args, folder, tokenizer, model, where):
 
 
 def attach_adapter(args, model):
-    """The method's adapter on the frozen model; only its tensors are trainable."""
+    """The method's adapter on the frozen model; only its tensors are trainable (full fine-tuning: every weight)."""
     for p in model.parameters():
         p.requires_grad_(False)
     method = method_of(args)
@@ -712,7 +747,7 @@ def evaluate_dev(run, dev, pbar):
     if is_best:
         for n, p in run.params.items():
             run.best[n].copy_(p.detach())
-        if where.master:
+        if where.master and not method_of(args).full:  # a full fine-tune's model is saved once training ends
             adapters.save_adapter(run.model, run.out_dir / "adapter.pt", base=args.ckpt_dir or default_model_path())
     write_log(run, {"step": state.step, "dev_loss": dev_loss, "best_dev_loss": state.best_loss, "is_best": is_best})
     if where.master:  # tqdm.write prints even where the bar is disabled
@@ -764,6 +799,17 @@ def save_checkpoint(run):
                 "log_bytes": run.log.tell(), "settings": run.settings, "inputs": run.inputs}
         atomic_write(run.out_dir / "ckpt.pt", lambda tmp: torch.save(ckpt, tmp))
         run.saved_step = run.state.step
+
+
+def save_model(run):
+    """Full fine-tuning's artefact, the model itself with its weights best on dev, as an HF folder (loaders.save)
+    that generate.py --ckpt_dir loads. Written once, when training ends (a 7B model is 27 GB in fp32: not at every new
+    best; until then ckpt.pt holds the best weights), and atomically: a killed write leaves no half folder, and
+    --resume writes it if it is missing."""
+    for n, p in run.params.items():
+        p.data.copy_(run.best[n])
+    if run.where.master and not (run.out_dir / FINE_TUNED).exists():
+        atomic_write(run.out_dir / FINE_TUNED, lambda tmp: save(run.model, run.tokenizer, tmp))
 
 
 # -----------------------------------------------------------------------------
