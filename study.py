@@ -10,12 +10,14 @@ checkpoint (train.py --resume), so the study can be stopped and started again at
 
 The protocol (README, "Results on the small model"):
 - every method gets the paper's recipe with the same budget: --train_examples examples, --epochs epochs;
-- its learning rate is the one of the lowest dev loss from --lrs, with seed 1 (the quantity train.py already
-  selects the best checkpoint by: a run of the grid trains only, and the chosen one alone is then scored by
-  generation, which costs more than training at this budget);
+- its learning rate is the one of the lowest dev loss from its grid (--lrs, or the method's own in the registry:
+  full fine-tuning's is lower), with seed 1 (the quantity train.py already selects the best checkpoint by: a run
+  of the grid trains only, and the chosen one alone is then scored by generation, which costs more than training
+  at this budget);
 - PARA and the strongest baseline then run --seeds more seeds at their rate (and any method named in
   --more_seeds, such as the static twin, whose difference from PARA is the study's question), the others one;
-  the table gives the median over seeds, as the paper does;
+  the table gives the median over seeds, as the paper does. Full-FT (every weight trained) is the reference row,
+  as in the paper's Table 2: never the strongest baseline, which is the strongest parameter-efficient one;
 - test F1, EM and their mean (the paper's f1-em), each with a 95% bootstrap interval over test questions, and a
   paired bootstrap interval for PARA minus each method on the same questions (of the median seed's run).
 """
@@ -40,7 +42,7 @@ from loaders import autocast_for, load, pick_device, read_args
 ROOT = Path(__file__).resolve().parent
 
 ZERO_SHOT = "zero-shot"
-GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]  # half decades
+GRID = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]  # half decades
 
 
 def study_rows(ckpt_dir):
@@ -75,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/study", help="one folder per run below this one")
     p.add_argument("--methods", help="comma-separated rows (default: all): zero-shot, every method at PARA's "
                    "count (\"PARA r=12\", \"LoRA r=19\", ... on SmolLM2), \"static twin\"")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates tried on dev, with seed 1: half "
-                   f"decades, from {', '.join(GRID)}")
+    p.add_argument("--lrs", help="the learning rates tried on dev, with seed 1, for every method: half decades, from "
+                   f"{', '.join(GRID)} (default: each method's own, {adapters.STUDY_LRS} for the adapters and lower "
+                   "for full fine-tuning: adapters.METHODS)")
     p.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
                    help="grow the grid by a half decade past an end that wins (--no-grow: keep it)")
     p.add_argument("--eval_splits", default="dev,test", help="the splits the chosen runs are scored on (test is "
@@ -120,7 +123,7 @@ def check_args(args):
                              ("--eval_interval", args.eval_interval, 1), ("--bootstrap", args.bootstrap, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
-    off_grid = [lr for lr in args.lrs.split(",") if lr not in GRID]
+    off_grid = [lr for lr in (args.lrs or "").split(",") if lr and lr not in GRID]
     if off_grid:
         raise UserError(f"--lrs {args.lrs}: {', '.join(off_grid)} is not a half decade of the grid; choose from "
                         f"{', '.join(GRID)}")
@@ -182,11 +185,17 @@ def run(args, name, lr, seed, eval_splits="none"):
     return results(args, name, lr, seed)
 
 
+def method_of_row(args, name):
+    """The registry's entry of a row's method (a variant's too); None for the zero-shot row."""
+    folder = args.rows[name][0]
+    return adapters.METHODS.get(adapters.VARIANTS[folder][1] if folder in adapters.VARIANTS else folder)
+
+
 def best_lr(args, name):
     """The learning rate of the lowest dev loss at seed 1 (None while a run is missing). With --grow, when the
     best is at an end of the grid, the grid grows by the next half decade on that side, so that no method is
     held at an edge."""
-    lrs = args.lrs.split(",")
+    lrs = (args.lrs or method_of_row(args, name).lrs).split(",")
     while True:
         grid = {lr: run(args, name, lr, 1) for lr in lrs}
         if any(r is None for r in grid.values()):
@@ -239,7 +248,7 @@ def main(argv=None):
         chosen[name] = (lr, [1]) if lr and scored(run(args, name, lr, 1, args.eval_splits)) else None
     # more seeds for PARA and the strongest other method (the lowest dev loss at its chosen rate)
     dev_loss = {n: results(args, n, c[0], 1)["best_dev_loss"] for n, c in chosen.items()
-                if c and n not in (ZERO_SHOT, args.para)}
+                if c and n not in (ZERO_SHOT, args.para) and not method_of_row(args, n).full}  # Full-FT: a reference
     strongest = min(dev_loss, key=dev_loss.get) if dev_loss else None
     for name in dict.fromkeys([args.para, strongest, *args.more_seeds]):
         if name in chosen and chosen[name]:
@@ -401,8 +410,7 @@ def plot(args, chosen, path):
         ax_train.plot([r["step"] for r in steps][w - 1:], losses, label=f"{name} (lr {lr})")
         evals = [r for r in log if "dev_loss" in r]
         ax_dev.plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], marker="o", label=name)
-        tried = sorted(set(GRID) | set(args.lrs.split(",")), key=float)  # --grow may have added rates of GRID
-        grid = [(float(rate), r) for rate in tried if (r := results(args, name, rate, 1))]
+        grid = [(float(rate), r) for rate in GRID if (r := results(args, name, rate, 1))]  # every rate tried
         top = 1.0  # a diverged or barely moved rate, drawn at the top edge so that the others stay readable
         ax_lr.plot([rate for rate, _ in grid], [min(r["best_dev_loss"], top) for _, r in grid], marker="o")
         ax_lr.plot(float(lr), results(args, name, lr, 1)["best_dev_loss"], marker="*", markersize=14, color="black")
