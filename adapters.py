@@ -37,7 +37,8 @@ TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of mat
 PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
 PAPER_LR = 1e-4  # the paper's learning rate, for every method (section 4.3)
 # Full fine-tuning's: the paper gives none. Llama 2's own supervised fine-tuning used 2e-5 (Touvron et al. 2023,
-# section 3.1), as Alpaca did on LLaMA: a step that moves every weight must be some 5x smaller than an adapter's
+# section 3.1), as Alpaca did on LLaMA 7B: a step moves every weight of the model, not a small added module, so full
+# fine-tuning's usual rates (1e-5 to 3e-5) lie well below the adapters' 1e-4
 FULL_FT_LR = 2e-5
 STUDY_LRS = "3e-4,1e-3,3e-3"  # study.py's first grid of learning rates, tried on dev (half decades; it can grow)
 MAX_SIZE = 1 << 20  # no rank or bottleneck is larger: a bigger one in a file is damage, refused before any allocation
