@@ -84,7 +84,7 @@ def check(a):
 
 def trains_all(a):
     """Whether --method is full fine-tuning, whose "adapter" is every weight of the model."""
-    return getattr(adapters.METHODS.get(a.method), "full", False)
+    return a.method in adapters.METHODS and adapters.METHODS[a.method].full
 
 
 def model_config(a):
