@@ -586,7 +586,7 @@ NOTES = {"table4": "tokens/s: new tokens over the whole call; decode: without th
          "serve": "tokens/s: every request's new tokens over the load's wall time; TTFT: time to the first token; "
                   "ITL: the gaps between a stream's tokens. Closed loop: {serve_clients} clients, each sending its "
                   "next request when its last is answered; open loop: Poisson arrivals. {serve_requests} requests "
-                  "per load, to {serve_tenants} tenants in turn, greedy."}
+                  "per load, to K tenants in turn (K: {serve_tenants}), greedy."}
 
 
 RANDOM = {"7b": dict(dim=4096, n_layers=32, n_heads=32), "13b": dict(dim=5120, n_layers=40, n_heads=40),
@@ -665,18 +665,31 @@ def parse_args(argv=None):
     p.add_argument("--init", action="store_true", help="leave the adapters at their initialisation: every "
                    "method then generates the base model's tokens (a check of the harness)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
-    p.add_argument("--serve_tenants", type=int, default=32, help="serve: adapters the requests of a method go to")
+    p.add_argument("--serve_tenants", default="1,8,32", help="serve: comma-separated tenant counts K; each method's "
+                   "requests go to K of its adapters in turn")
     p.add_argument("--serve_clients", type=int, default=8, help="serve: concurrent clients of the closed-loop load")
-    p.add_argument("--serve_rate", type=float, default=2.0, help="serve: requests/s of the open-loop load")
+    p.add_argument("--serve_rate", default="1,2,4", help="serve: comma-separated requests/s of the open-loop loads")
+    p.add_argument("--serve_mixes", default="table4,short", help="serve: the length mixes, table4 and/or short")
     p.add_argument("--serve_requests", type=int, default=24, help="serve: requests in each load")
     p.add_argument("--serve_max_batch", type=int, default=16, help="serve: the server's --max_batch")
     args = p.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(TITLES)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(TITLES)}")
+    try:  # comma-separated lists
+        args.serve_tenants = [int(k) for k in args.serve_tenants.split(",")]
+        args.serve_rate = [float(r) for r in args.serve_rate.split(",")]
+    except ValueError:
+        p.error(f"--serve_tenants takes whole numbers and --serve_rate numbers, comma-separated; got "
+                f"{args.serve_tenants!r} and {args.serve_rate!r}")
+    args.serve_mixes = args.serve_mixes.split(",")
+    if not args.serve_mixes or not set(args.serve_mixes) <= {"table4", "short"}:
+        p.error(f"--serve_mixes takes table4, short or both, got {','.join(args.serve_mixes)}")
+    if not all(r > 0 and math.isfinite(r) for r in args.serve_rate):
+        p.error(f"--serve_rate must be positive, finite request rates, got {args.serve_rate}")
     for flag, value in (("--threads", args.threads), ("--runs", args.runs), ("--prompt_len", args.prompt_len),
                         ("--new_tokens", args.new_tokens), ("--batch", args.batch),
-                        ("--serve_tenants", args.serve_tenants), ("--serve_clients", args.serve_clients),
+                        ("--serve_tenants", min(args.serve_tenants)), ("--serve_clients", args.serve_clients),
                         ("--serve_requests", args.serve_requests), ("--serve_max_batch", args.serve_max_batch)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
@@ -726,7 +739,8 @@ def main(argv=None):
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
                "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "batch": args.batch, "sizes": args.sizes,
-               **{k: getattr(args, k) for k in ("serve_tenants", "serve_clients", "serve_rate", "serve_requests")},
+               **{k: getattr(args, k) for k in ("serve_tenants", "serve_clients", "serve_rate", "serve_requests",
+                                                "serve_mixes")},
                "adapters": "init" if args.init else "random",
                "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
                "cpu capability": torch.backends.cpu.get_cpu_capability(),

@@ -8,10 +8,11 @@ Two loads:
 - closed loop: C clients, each sending its next request as soon as its last one is answered (throughput at
   saturation: what the server can do);
 - open loop: Poisson arrivals at R requests/s, whatever the server does (latency at a given load).
-Requests go to K tenants in turn (K adapters, random non-trivial weights), in two length mixes: the paper's Table 4
-shape (prompts of 274 tokens, 32 new tokens) and short chat-like prompts (16 to 48 tokens, 32 new tokens), greedy.
+Requests go to K tenants in turn (K adapters, random non-trivial weights; K = 1, 8 and 32 by default), in two length
+mixes: the paper's Table 4 shape (prompts of 274 tokens, 32 new tokens) and short chat-like prompts (16 to 48 tokens,
+32 new tokens), greedy; the open loop at several rates (1, 2 and 4 requests/s by default).
 
-Rows: every method (base, PARA, (IA)^3, LoRA, Houlsby) with K tenants, and the base model served three ways:
+Rows: every method (base, PARA, (IA)^3, LoRA, Houlsby) at each K and load, and the base model served three ways:
 continuous batching, one request at a time (--max_batch 1), and static batches (a new batch only once the last one
 has finished). Runs of all rows alternate round by round, and each ratio is the median of same-round ratios with a
 distribution-free 95% interval, as in the rest of bench.py.
@@ -142,54 +143,58 @@ def summary(records, seconds):
 
 
 def serving(base, tokenizer, args, device, dtype, path):
-    """The section's rows: see the module docstring. --serve_tenants, --serve_clients, --serve_rate and
-    --serve_requests size it."""
-    K, name_of = args.serve_tenants, adapters.label
+    """The section's rows: see the module docstring. --serve_tenants, --serve_clients, --serve_rate,
+    --serve_requests and --serve_mixes size it."""
+    Ks, name_of = args.serve_tenants, adapters.label
     dtype_flag = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
     methods = {None: {}} | {m: s for m, s in args.sizes.items() if not adapters.METHODS[m].prunes}
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     tenants = {}
-    for method, settings in methods.items():  # K random adapters of each method, saved for the server to load
+    for method, settings in methods.items():  # max(K) random adapters of each method, saved for the server to load
         if method is None:
             continue
-        model = bench.with_adapter(base, method, settings, K, True, seed=5)
+        model = bench.with_adapter(base, method, settings, max(Ks), True, seed=5)
         tenants[method] = {}
-        for i in range(K):
+        for i in range(max(Ks)):
             file = folder / f"{method}-{i}.pt"
             adapters.save_adapter(model, file, index=i)
             tenants[method][f"{method}-{i}"] = str(file)
-    rows, loads = [], mixes(args, base.args.max_seq_len)
+    rows, loads = [], {mix: lengths for mix, lengths in mixes(args, base.args.max_seq_len).items()
+                       if mix in args.serve_mixes}
     max_len = max(high for _, high in loads.values()) + args.new_tokens + 8  # every request fits; a small cache
     for mix, lengths in loads.items():  # keeps the 7 servers in memory
         requests = requests_of(tokenizer, lengths, args.serve_requests, args.new_tokens, seed=7)
-        servers = {}
+        # (row name, K) -> (its server, the models its requests go to in turn). A method's server holds max(K)
+        # tenants, and a load with K tenants sends its requests to K of them: each row computes with its own
+        # adapter, so the others held in the bank cost memory, not time
+        servers, jobs = {}, {}
         for m, s in methods.items():
             server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len)
-            servers[name_of(m, s) if m else "base"] = (server, list(tenants.get(m, {})) or [server.base_name])
+            for K in (Ks if m else [0]):
+                servers[name_of(m, s) if m else "base", K] = (server, list(tenants.get(m, {}))[:K] or
+                                                              [server.base_name])
         for name, kept in (("base, one at a time", 1), ("base, static batches", args.serve_max_batch)):
             server = server_of(path, dtype_flag, {}, kept, max_len, static="static" in name)
-            servers[name] = (server, [server.base_name])
+            servers[name, 0] = (server, [server.base_name])
         for server, models in servers.values():  # first calls pay for allocations and kernel choices
             one_request(server, models[0], requests[0][0], 4)
-        jobs = {}
-        for name, (server, models) in servers.items():
-            jobs[name, "closed"] = lambda s=server, m=models: closed_loop(s, m, requests, args.serve_clients)
-            if "," not in name:
-                jobs[name, "open"] = lambda s=server, m=models: open_loop(s, m, requests, args.serve_rate, seed=11)
+        for (name, K), (server, models) in servers.items():
+            jobs[name, K, "closed"] = lambda s=server, m=models: closed_loop(s, m, requests, args.serve_clients)
+            for rate in args.serve_rate if "," not in name else ():
+                jobs[name, K, rate] = lambda s=server, m=models, r=rate: open_loop(s, m, requests, r, seed=11)
         runs = {key: [] for key in jobs}
         for r in range(args.runs):
             bench.say(f"serve, {mix}: round {r + 1}/{args.runs}")
             order = list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]
             for key in order:
                 runs[key].append(summary(*jobs[key]()))
-        for server, _ in servers.values():
+        for server in {id(s): s for s, _ in servers.values()}.values():
             stop(server)
-        for (name, load), measured in runs.items():
-            ref = runs["base", load]
+        for (name, K, load), measured in runs.items():
+            ref = runs["base", 0, load]
             row = {"section": "serve", "mix": mix, "method": name, "key": name.split(",")[0] if "," in name else
-                   next((m for m, s in methods.items() if m and name_of(m, s) == name), None),
-                   "tenants": K if name in tenants_of(methods) else 0,
-                   "load": f"{args.serve_clients} clients" if load == "closed" else f"{args.serve_rate} req/s"}
+                   next((m for m, s in methods.items() if m and name_of(m, s) == name), None), "tenants": K,
+                   "load": f"{args.serve_clients} clients" if load == "closed" else f"{load:g} req/s"}
             for key in measured[0]:
                 row[key] = statistics.median(m[key] for m in measured)
             # throughput against the base model's under the same load; p99 inter-token latency against its too
@@ -249,8 +254,3 @@ def cache_pass(cache, rows, length, n_heads, device):
             (q @ k[:rows, :, :length].transpose(-1, -2)) @ v[:rows, :, :length]
         bench.sync(device)
     return time.perf_counter() - start
-
-
-def tenants_of(methods):
-    """The names of the rows with tenants' adapters."""
-    return {adapters.label(m, s) for m, s in methods.items() if m}

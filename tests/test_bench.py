@@ -118,13 +118,17 @@ def test_bench_runs_on_a_random_model_of_a_named_shape(capsys):
 
 
 def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batching(tiny_folder, capsys):
-    report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "2", "--serve_requests", "4",
-                       "--serve_clients", "2", "--serve_rate", "50", "--serve_max_batch", "4")
+    report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "1,2", "--serve_requests", "4",
+                       "--serve_clients", "2", "--serve_rate", "50,100", "--serve_max_batch", "4")
     step = [r for r in report["rows"] if r["method"] == "engine decode step"]
     rows = [r for r in report["rows"] if r["method"] != "engine decode step"]
     methods = {r["method"] for r in rows}
     assert {"base", "base, one at a time", "base, static batches"} <= methods and "PARA r=12" in methods
     assert {r["mix"] for r in rows} == {"table4", "short"}
+    para = {(r["mix"], r["tenants"], r["load"]) for r in rows if r["method"] == "PARA r=12"}
+    assert para == {(mix, k, load) for mix in ("table4", "short") for k in (1, 2)
+                    for load in ("2 clients", "50 req/s", "100 req/s")}  # every K, at every load
+    assert {r["load"] for r in rows if r["method"] == "base, one at a time"} == {"2 clients"}
     assert all(r["tokens/s"] > 0 and r["TTFT p50 ms"] > 0 for r in rows)
     assert len(step) == 1 and step[0]["rows"] == 4 and 0 < step[0]["/ ceiling"]
     assert step[0]["/ ceiling with the cache reads"] > step[0]["/ ceiling"]  # the same rounds, the cache's time added
