@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import baselines
 import para
+import ssp
 from data import atomic_write
 from errors import UserError, shorten
 from loaders import FINE_TUNED, model_class, model_fingerprint, model_name
@@ -33,7 +34,7 @@ from model import ModelArgs, Transformer, TransformerBlock
 # The registry: every method, once
 
 WHOLE, NUMBER, NAMES = (int,), (int, float), (list, tuple)
-TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of matrix names"}
+TYPE_NAMES = {WHOLE: "a whole number", NUMBER: "a number", NAMES: "a list of names"}
 PARA_R = 12  # the paper's bottleneck: the baselines are compared with PARA at its parameter count at this r
 PAPER_LR = 1e-4  # the paper's learning rate, for every method (section 4.3)
 # Full fine-tuning's: the paper gives none. Llama 2's own supervised fine-tuning used 2e-5 (Touvron et al. 2023,
@@ -59,9 +60,28 @@ class Method:
     prunes: bool = False  # train.py runs AdaLoRA's RankAllocator on it
     full: bool = False  # every base weight trains, and the model itself is saved (no adapter, no bank)
     lrs: str = STUDY_LRS  # study.py's first grid of learning rates for it
+    searches: bool = False  # its structure is searched first when none is given (train.py runs the search: ssp.py)
+    union: Optional[Callable] = None  # union(configs): one bank's config for tenants of different configs
 
 
 PARA, IA3 = "para", "ia3"  # the two methods other files name: the subject, and its cost and static reference
+
+
+# SSP's budget: the PARA paper's Table 2 gives 8.6M on Llama-2 7B; on another model it is scaled by PARA's own count
+# there, as PARA's r = 12 count on that model over PARA's r = 12 count on 7B (8.6M x 1,105,920 / 9,560,064 = 994,859
+# on SmolLM2-135M)
+SSP_BUDGET_7B = 8_600_000
+LLAMA2_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+
+
+def ssp_budget(args: ModelArgs) -> int:
+    """SSP's default budget on a model of shape args: the paper's 8.6M, scaled by PARA's count (above)."""
+    return round(SSP_BUDGET_7B * count_parameters(args, PARA, r=PARA_R) / count_parameters(LLAMA2_7B, PARA, r=PARA_R))
+
+
+def add_ssp(model, r: int = ssp.R_C, budget: int = 0, structure=None):
+    """ssp.add_ssp, with the default budget for this model when none is given."""
+    return ssp.add_ssp(model, r, budget or ssp_budget(model.args), structure)
 
 
 def add_full(model):
@@ -81,6 +101,10 @@ METHODS = {
                       "r", default_size=12, prunes=True),
     "houlsby": Method("Houlsby", baselines.add_houlsby, {"size": WHOLE}, {"r": "size"}, "size", "m", matched=True),
     "full": Method("Full-FT", add_full, {}, {}, lr=FULL_FT_LR, full=True, lrs="1e-5,3e-5,1e-4"),
+    # SSP's settings: r (r_c, the LoRA candidates' rank), budget, structure (None: search it first)
+    "ssp": Method("SSP", add_ssp, {"r": WHOLE, "budget": WHOLE, "structure": NAMES},
+                  {"r": "r", "ssp_budget": "budget", "ssp_structure": "structure"}, "r", "r_c", default_size=ssp.R_C,
+                  searches=True, union=ssp.union),
 }
 NONE = "none"  # train.py --method none: the base model alone (zero-shot)
 # Named variants, key -> (label, method, settings). PARA's "static twin" is (IA)^3 on exactly the projections PARA
@@ -134,6 +158,12 @@ def check_settings(method, settings, source="the adapter's settings"):
             raise UserError(f"{source}: {method}'s {key!r} must lie in [1, {MAX_SIZE:,}], got {shorten(value)}")
 
 
+def remove_adapter(model: Transformer):
+    """Take a searched method's supernet off the model once its search is done (train.py): the base model again."""
+    ssp.remove_ssp(model)
+    model.adapter_config, model.n_adapters = None, 0
+
+
 def block_args(model: Transformer, prompt_len=None, adapter_ids=None, vectors=None) -> dict:
     """The per-row arguments the model's blocks take (model.Transformer.forward hands them on), out of those a caller
     has: PARA's blocks take each row's prompt_len and a generation's store of vectors, a bank's blocks each row's
@@ -145,7 +175,7 @@ def block_args(model: Transformer, prompt_len=None, adapter_ids=None, vectors=No
     return args
 
 
-ADAPTER_PARAMS = ("vector_generator.", "ia3_", "lora_", "houlsby_")  # the adapters' tensor names contain one
+ADAPTER_PARAMS = ("vector_generator.", "ia3_", "lora_", "houlsby_", "ssp_")  # the adapters' tensor names contain one
 
 
 def is_adapter_param(name: str) -> bool:
@@ -246,12 +276,23 @@ class HoulsbyBank(Bank, baselines.HoulsbyLinear):
     pass
 
 
+class SSPLinearBank(Bank, ssp.SSPLinear):
+    pass
+
+
+class SSPNormBank(Bank, ssp.SSPNorm):
+    """SSP's candidates on a norm, each row's: the block hands it the rows' adapter_ids (BankBlock)."""
+
+    def forward(self, x, adapter_ids=None):
+        return self.adapt(x, self.base_class.forward(self, x), *(per_row(t, adapter_ids) for t in self.tensors()))
+
+
 BANKS = {baselines.IA3Linear: IA3Bank, baselines.LoRALinear: LoRABank, baselines.AdaLoRALinear: AdaLoRABank,
-         baselines.HoulsbyLinear: HoulsbyBank}
+         baselines.HoulsbyLinear: HoulsbyBank, ssp.SSPLinear: SSPLinearBank, ssp.SSPNorm: SSPNormBank}
 
 
 def project(linear, x, adapter_ids):
-    """x through a projection: a bank picks each row's adapter; a plain projection is the same for every row."""
+    """x through a projection (or a norm): a bank picks each row's adapter; a plain one is the same for every row."""
     return linear(x, adapter_ids) if isinstance(linear, Bank) else linear(x)
 
 
@@ -260,10 +301,10 @@ class BankBlock(TransformerBlock):
 
     def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None):
         att, ffn, ids = self.attention, self.feed_forward, adapter_ids
-        a = self.attention_norm(x)
+        a = project(self.attention_norm, x, ids)  # a norm is a bank too under SSP
         q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
         h = x + project(att.wo, att.attend(q, k, v, rot, mask, cache, start_pos), ids)
-        f = self.ffn_norm(h)
+        f = project(self.ffn_norm, h, ids)
         return h + project(ffn.w2, F.silu(project(ffn.w1, f, ids)) * project(ffn.w3, f, ids), ids)
 
 
@@ -404,10 +445,17 @@ def load_adapter(model: Transformer, paths, base: Optional[str] = None, any_base
     if first is None:
         raise UserError("no adapter file given")
     config = files[first]["config"]
+    # a method with a union (SSP) banks tenants of different configs: the bank holds the union, and each row zeros
+    # where its tenant has nothing (which adds exactly 0)
+    union = METHODS[config["method"]].union if len(files) > 1 else None
+    if union and all(f is None or f["config"]["method"] == config["method"] for f in files):
+        config = union([f["config"] for f in files if f])
+    else:
+        union = None
     for p, f in zip(paths, files):
         if f is None:
             continue
-        if f["config"] != config or f["shapes"] != files[first]["shapes"]:
+        if not union and (f["config"] != config or f["shapes"] != files[first]["shapes"]):
             raise UserError(f"{str(p)!r} is a {f['config']} adapter but {str(paths[first])!r} is {config}: "
                             "a bank needs one method and one config")
         check_adapter_file(p, f, model.args, base, any_base)
@@ -419,8 +467,10 @@ def load_adapter(model: Transformer, paths, base: Optional[str] = None, any_base
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k in adapter_state_dict(model):
+            if union:  # a fresh SSP low-rank adapter is random: zeros are what "nothing here" means
+                params[k].zero_()
             for i, f in enumerate(files):
-                if f is not None:
+                if f is not None and k in f["tensors"]:
                     (params[k][i] if len(files) > 1 else params[k]).copy_(f["tensors"][k])
     return model
 
@@ -443,4 +493,10 @@ if __name__ == "__main__":
         rows = [(label(m, compared_size(args, m)), m, compared_size(args, m)) for m in METHODS] + [*VARIANTS.values()]
         rows.insert(2, ("LoRA r=8 (PEFT's default)", "lora", {"r": 8}))
         tied = name.startswith("SmolLM2")  # its GGUF stores one matrix for the embedding and the LM head
-        print(f"{name}: " + ", ".join(f"{row} {count_parameters(args, m, tied, **s):,}" for row, m, s in rows))
+
+        def count(row, m, s):  # a searched structure's count is not known before its search: its budget is printed
+            if METHODS[m].searches:
+                return (f"{row} (searched: its budget) {ssp_budget(args):,} of a space of "
+                        f"{count_parameters(args, m, **s):,}")
+            return f"{row} {count_parameters(args, m, tied, **s):,}"
+        print(f"{name}: " + ", ".join(count(*row) for row in rows))

@@ -169,10 +169,10 @@ class GemmaBankBlock(adapters.BankBlock, GemmaBlock):
 
     def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None):
         att, ffn, ids, project = self.attention, self.feed_forward, adapter_ids, adapters.project
-        a = self.attention_norm(x)
+        a = project(self.attention_norm, x, ids)  # a norm is a bank too under SSP
         q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
         h = x + self.post("post_attention_norm", project(att.wo, att.attend(q, k, v, rot, mask, cache, start_pos), ids))
-        f = self.ffn_norm(h)
+        f = project(self.ffn_norm, h, ids)
         g = F.gelu(project(ffn.w1, f, ids), approximate="tanh")
         return h + self.post("post_ffn_norm", project(ffn.w2, g * project(ffn.w3, f, ids), ids))
 

@@ -17,8 +17,10 @@ from data import is_temporary
 from errors import UserError
 from loaders import FINE_TUNED, file_hash, model_files
 
-# what a run writes: FINE_TUNED is a folder, the model a full fine-tune saves (train.py --method full)
-RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json", FINE_TUNED)
+# what a run writes: FINE_TUNED is a folder, the model a full fine-tune saves (train.py --method full); SEARCH_FILES
+# SSP's search stage (its checkpoint and log), before the retrain writes the others
+SEARCH_FILES = ("search.pt", "search.jsonl")
+RUN_FILES = ("adapter.pt", "ckpt.pt", "log.jsonl", "predictions.jsonl", "results.json", FINE_TUNED, *SEARCH_FILES)
 LOCK = ".train.lock"  # held by the run writing the folder; it holds that run's PID
 CKPT_KEYS = {"adapter", "best_adapter", "optimizer", "state", "allocator", "log_bytes", "settings", "inputs"}
 
@@ -59,15 +61,17 @@ def lock(out_dir: Path):
     return f
 
 
-def clean_up(out_dir: Path, fresh: bool):
+def clean_up(out_dir: Path, fresh: bool, keep=()):
     """Remove the temporary files of a run killed while writing one (only names data.atomic_write makes); on a
-    fresh start, also the files of an earlier run, which would mix with this run's."""
+    fresh start, also the files of an earlier run, which would mix with this run's, except those in `keep` (an SSP
+    run resumed after its search: the retrain starts afresh, from the search's result)."""
     for path in out_dir.iterdir():
         if any(is_temporary(path, out_dir / name) for name in RUN_FILES):
             remove(path)
     if fresh:
         for name in RUN_FILES:
-            remove(out_dir / name)
+            if name not in keep:
+                remove(out_dir / name)
 
 
 def remove(path: Path):

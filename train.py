@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import adapters
 import fsdp
+import ssp
 from baselines import RankAllocator
 from data import TASKS, atomic_write, load_split, metric_for, prepare_task, resolve_task
 from errors import UserError
@@ -117,8 +118,9 @@ def adapter_flags(arg):
     arg("--method", default=adapters.PARA, choices=[*adapters.METHODS, adapters.NONE],
         help=f"{adapters.NONE}: no adapter, evaluate the base model")
     arg("--r", "--adapter_rank", type=int, help="PARA's bottleneck (default 12), LoRA's rank (12), AdaLoRA's "
-        "initial rank (12) or the Houlsby bottleneck (default: PARA's parameter count at r = 12). Under torchrun "
-        "write --adapter_rank: torchrun's parser takes --r for one of its own --r... options")
+        "initial rank (12), the Houlsby bottleneck (default: PARA's parameter count at r = 12) or the rank r_c of "
+        "SSP's LoRA candidates (64). Under torchrun write --adapter_rank: torchrun's parser takes --r for one of "
+        "its own --r... options")
     arg("--lora_alpha", type=float, default=8.0, help="LoRA's and AdaLoRA's scaling is alpha / r (8: PEFT's default)")
     arg("--lora_targets", default="wq,wv", help="LoRA's and AdaLoRA's matrices, comma-separated Meta names")
     arg("--ia3_targets", default="wk,wv,w3", help="(IA)^3's matrices, each output scaled (w3: the FFN intermediate; "
@@ -129,6 +131,10 @@ def adapter_flags(arg):
     arg("--adalora_deltaT", type=int, default=1, help="AdaLoRA: steps between two re-allocations of the budget")
     arg("--adalora_beta", type=float, default=0.85, help="AdaLoRA: smoothing of the importance and its uncertainty")
     arg("--adalora_orth_reg_weight", type=float, default=0.5, help="AdaLoRA: weight of the orthogonality term")
+    arg("--ssp_budget", type=int, help="SSP: the searched structure's parameters at most (default: the paper's 8.6M "
+        "on Llama-2 7B, scaled by PARA's count on other models)")
+    arg("--ssp_structure", help="SSP: retrain this structure (comma-separated candidates, layers.<i>.<position>."
+        "<kind>) without searching; default: search it first, in the same out_dir (search.pt, search.jsonl)")
 
 
 def check_args(args):
@@ -343,6 +349,9 @@ def main(argv=None):
     # several processes under torchrun: one per GPU (or CPU process, with gloo), each holding the whole model, or
     # with --fsdp its shard of it
     ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.fsdp) if "RANK" in os.environ else None
+    if ddp and searching(args):
+        raise UserError("SSP's search runs in one process: run it without torchrun, or give the structure to retrain "
+                        "with --ssp_structure")
     if args.fsdp and not ddp:
         raise UserError("--fsdp shards the model over the processes of torchrun: run it as torchrun "
                         "--nproc_per_node N train.py --fsdp ...")
@@ -417,10 +426,16 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
                                              lambda m: attach_adapter(args, m))
     else:  # weights that train are fp32, as an adapter is: AdamW's steps of 2e-5 would mostly round away in bf16
         model, tokenizer = load(args.ckpt_dir, device=device, dtype=torch.float32 if full else dtype)
-        attach_adapter(args, model)
     autocast = autocast_for(device, dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
+    if not where.fsdp:
+        structure = None
+        if searching(args):  # SSP: the search stage first, then the chosen structure is retrained, fresh
+            structure = search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings,
+                                         inputs, autocast, device)
+            torch.manual_seed(seed)  # the retrain's initialisation is the same whether the search ran now or before
+        attach_adapter(args, model, structure)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -522,9 +537,10 @@ def claim_out_dir(args, out_dir, settings, inputs, where):
         runs.check_inputs(ckpt.get("inputs"), inputs, out_dir / "ckpt.pt")
     if where.master:
         fresh = ckpt is None and not (args.resume and (out_dir / "results.json").exists())
-        if fresh and args.resume and args.method != adapters.NONE and present:
+        searched = fresh and args.resume and (out_dir / "search.pt").exists()  # SSP's search goes on, or is done
+        if fresh and args.resume and args.method != adapters.NONE and present and not searched:
             print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
-        runs.clean_up(out_dir, fresh)
+        runs.clean_up(out_dir, fresh, keep=runs.SEARCH_FILES if searched else ())
     return ckpt, held
 
 
@@ -580,25 +596,139 @@ def load_data(args, folder, tokenizer, model, where):
     return splits, train, dev, prompts, max_new_tokens, cut_train
 
 
-def attach_adapter(args, model):
-    """The method's adapter on the frozen model; only its tensors are trainable (full fine-tuning: every weight)."""
+def attach_adapter(args, model, structure=None):
+    """The method's adapter on the frozen model; only its tensors are trainable (full fine-tuning: every weight).
+    structure: the one SSP's search chose (search_structure), in place of its flag."""
     for p in model.parameters():
         p.requires_grad_(False)
-    method = method_of(args)
-    if method is None:
+    if method_of(args) is None:
         return
-    settings = {}
-    for flag, setting in method.flags.items():  # the method's settings, from its flags or its defaults
-        value = getattr(args, flag)
-        if setting == "targets":
-            settings[setting] = value.split(",")
-        elif setting == method.size:
-            settings[setting] = value or method.default_size or adapters.size_matching_para(model.args, args.method)
-        elif setting is not None:
-            settings[setting] = value
+    settings = adapter_settings(args, model) | ({"structure": structure} if structure else {})
     adapters.add_adapter(model, args.method, **settings)
     adapters.mark_only_adapter_as_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
+
+
+def adapter_settings(args, model):
+    """The method's settings, from its flags or its defaults (a flag left unset gives none: the method's own)."""
+    method, settings = method_of(args), {}
+    for flag, setting in method.flags.items():
+        value = getattr(args, flag)
+        if setting == method.size:
+            settings[setting] = value or method.default_size or adapters.size_matching_para(model.args, args.method)
+        elif setting is not None and value is not None:
+            settings[setting] = value.split(",") if method.settings[setting] is adapters.NAMES else value
+    return settings
+
+
+def searching(args):
+    """Whether the run searches its adapter's structure first: SSP, given none."""
+    return bool(method_of(args) and method_of(args).searches and args.ssp_structure is None)
+
+
+# -----------------------------------------------------------------------------
+# SSP's search stage (ssp.py), before the retrain
+
+
+def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings, inputs, autocast,
+                     device):
+    """SSP's search on the frozen model (ssp.Search); returns the structure derived from the alphas of the lowest dev
+    loss. The training examples are split 50/50 at random (seeded): the delta weights learn on one half, the alphas
+    on the other, one batch of each per step, for --epochs over the first half (or --max_steps). search.pt (written
+    at every dev evaluation, every --ckpt_minutes and at the end) continues it exactly under --resume; once it holds
+    the structure, the search is done."""
+    path, log_path = out_dir / "search.pt", out_dir / "search.jsonl"
+    saved = torch_load(path) if path.exists() else None  # claim_out_dir kept it only under --resume
+    if saved is not None:
+        then, now = spelled_out(saved["settings"]), spelled_out(settings)
+        if then != now:
+            raise UserError(f"cannot --resume {out_dir}: its search used other settings, (then, now): "
+                            f"{ {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v} }")
+        runs.check_inputs(saved.get("inputs"), inputs, path)
+        if saved["structure"] is not None:
+            print(f"search: done, {len(saved['structure'])} candidates chosen ({path})")
+            return saved["structure"]
+    if len(train) < 2:
+        raise UserError("SSP's search splits the training examples in two halves: it needs at least 2")
+    adapters.add_adapter(model, args.method, **adapter_settings(args, model))  # the supernet: every candidate, gated
+    adapters.mark_only_adapter_as_trainable(model)
+    model.grad_checkpointing = args.grad_checkpointing
+    weights = [p for p in model.parameters() if p.requires_grad]
+    w_optimizer = torch.optim.AdamW(weights, lr=lr_of(args), weight_decay=0.0)  # S3Delta's: no weight decay
+    budget = model.adapter_config["budget"]
+    search = ssp.Search(model, budget, seed)
+    split = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    halves = ([train[i] for i in split[:len(train) // 2]], [train[i] for i in split[len(train) // 2:]])
+    per_epoch = [math.ceil(len(h) / batch_size) for h in halves]
+    total = min(args.epochs * per_epoch[0], args.max_steps or math.inf)
+    state = {"step": 0, "best_loss": math.inf, "best_alpha": search.alpha.detach().cpu().clone()}
+    print(f"search: {len(search.space)} candidates, {int(search.sizes.sum()):,} parameters; budget {budget:,}; "
+          f"{len(halves[0])} + {len(halves[1])} examples, {total} steps")
+    if saved is not None:
+        with torch.no_grad():
+            for p, t in zip(weights, saved["weights"]):
+                p.copy_(t)
+        w_optimizer.load_state_dict(saved["w_optimizer"])
+        search.load_state_dict(saved["search"])
+        state = saved["state"]
+        runs.cut_log(log_path, saved["log_bytes"])
+        print(f"search: resumed at step {state['step']}")
+
+    def batch(half, step):  # the half's batch of this step: its shuffle is a function of (seed, half, epoch)
+        epoch, index = divmod(step, per_epoch[half])
+        order = torch.randperm(len(halves[half]), generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + 2 * epoch + half)).tolist()
+        return [halves[half][i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+    def grads(examples, tensors):  # (loss, its gradients with respect to tensors), over micro-batches
+        n_targets, loss, summed = sum(len(t) for _, t in examples), 0.0, [torch.zeros_like(t) for t in tensors]
+        for micro in micro_batches(examples, args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro, tokenizer.pad_id, device)
+            with autocast:
+                part = answer_loss(model, tokens, targets, prompt_len) / n_targets
+            # retain_graph: the gates' graph (alphas -> z) serves every micro-batch
+            for s, g in zip(summed, torch.autograd.grad(part, tensors, retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    s += g
+            loss += part.item()
+        return loss, summed
+
+    log, last_ckpt = open(log_path, "ab"), time.time()
+    structure = None
+    while structure is None:
+        t = state["step"]
+        model.train()
+        lr_w, lr_alpha = lr_at(t, lr_of(args), 0, total), lr_at(t, ssp.ALPHA_LR, 0, total)  # linear decay, no warmup
+        loss = search.step(weights, w_optimizer, grads, batch(0, t), batch(1, t), lr_w, lr_alpha)
+        state["step"] += 1
+        records = [{"step": t + 1, "loss": loss, "lr": lr_w, "alpha_lr": lr_alpha, "shift": search.b,
+                    "expected_params": search.expected_size}]
+        evaluated = state["step"] % args.eval_interval == 0 or state["step"] >= total
+        if evaluated:  # the supernet with z = p on dev: the lowest loss keeps its alphas
+            with torch.no_grad():
+                search.sample()
+            total_loss = target_loss(model, dev, args.micro_batch_size, tokenizer.pad_id, device, autocast)
+            dev_loss = (total_loss[0] / total_loss[1]).item()
+            if dev_loss < state["best_loss"]:
+                state["best_loss"], state["best_alpha"] = dev_loss, search.alpha.detach().cpu().clone()
+            records.append({"step": t + 1, "dev_loss": dev_loss, "best_dev_loss": state["best_loss"]})
+            print(f"search step {t + 1}: dev loss {dev_loss:.4f}" + " (best)" * (dev_loss == state["best_loss"]))
+        if state["step"] >= total:
+            structure = ssp.derive(search.space, state["best_alpha"], budget)
+        for record in records:
+            log.write((json.dumps(record) + "\n").encode())
+        log.flush()
+        if evaluated or structure or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
+            saved = {"weights": [p.detach().cpu() for p in weights], "w_optimizer": w_optimizer.state_dict(),
+                     "search": search.state_dict(), "state": state, "split": split, "structure": structure,
+                     "log_bytes": log.tell(), "settings": settings, "inputs": inputs}
+            atomic_write(path, lambda tmp: torch.save(saved, tmp))
+            last_ckpt = time.time()
+    log.close()
+    size = sum(c.size for c in search.space if c.name in set(structure))
+    print(f"search: done, {len(structure)} candidates, {size:,} parameters (budget {budget:,})")
+    adapters.remove_adapter(model)
+    return structure
 
 
 def rank_allocator(args, model, total_steps):

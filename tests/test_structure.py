@@ -101,7 +101,11 @@ DATA = Path(__file__).resolve().parent / "data"
 TOKENS = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
 
 
-@pytest.mark.parametrize("method", [m for m, method in adapters.METHODS.items() if not method.full])  # no adapter
+NEWER_THAN_V1 = {"ssp"}  # methods added after those files were written: none of their files is that old
+
+
+@pytest.mark.parametrize("method", [m for m, method in adapters.METHODS.items()
+                                    if not method.full and m not in NEWER_THAN_V1])  # full: no adapter
 def test_an_adapter_file_written_before_the_restructuring_loads_to_the_same_adapter_and_logits(method):
     model = adapters.load_adapter(wide_model(), DATA / f"v1-{method}.pt")
     today = adapted(method, seed=1)  # the same recipe, with today's code: the same tensors, bit for bit

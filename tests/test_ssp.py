@@ -1,0 +1,291 @@
+"""SSP (ssp.py): its candidates, the budget its gates hold, the search and the retrain as train.py runs them on the
+tiny task (resumable, bit for bit), and the retrained structure as an ordinary adapter: saved, loaded, generating,
+and banked with tenants of other structures. CPU, fp32, seconds each."""
+import json
+import random
+
+import pytest
+import torch
+
+import adapters
+import generate
+import ssp
+import train
+from errors import UserError
+from loaders import load
+from test_train import Killed, flags, read_log, tiny_model, tiny_task, without_timing  # noqa: F401 (fixtures)
+from tiny_llama import WIDE, randomise_adapter, wide_model
+
+class NoText:
+    """What generate() reads from a tokenizer: the tiny models have ids but no text."""
+    pad_id, eos_id = 0, -1
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def generated(model, prompts, adapter_ids=None):
+    return [g.tokens for g in generate.generate(model, NoText(), prompts, max_new_tokens=6, adapter_ids=adapter_ids)]
+
+
+SSP = next(m for m, method in adapters.METHODS.items() if method.searches)  # the registry's name for it
+TOKENS = torch.tensor([[5, 9, 2, 7, 1, 3, 2, 9], [3, 8, 4, 4, 2, 1, 6, 7]])
+R_C = 4  # the LoRA candidates' rank on the tiny models
+
+
+def space(model=None, r=R_C):
+    return ssp.search_space(wide_model() if model is None else model, r)
+
+
+def with_structure(names, budget=None, model=None):
+    model = wide_model() if model is None else model
+    total = sum(c.size for c in space(model))
+    return adapters.add_adapter(model, SSP, r=R_C, budget=budget or total - 1, structure=list(names))
+
+
+# -----------------------------------------------------------------------------
+# the candidates
+
+
+def test_the_space_has_20_candidates_per_block_with_the_authors_sizes():
+    cands = space()
+    model = wide_model()
+    assert len(cands) == 20 * model.args.n_layers
+    by_name = {c.name: c for c in cands}
+    d, hidden, d_kv = model.args.dim, model.args.hidden_dim, model.args.n_kv_heads * model.args.head_dim
+    assert by_name["layers.0.wk.lowrank"].size == R_C * (d + d_kv)
+    assert by_name["layers.1.w2.bias"].size == d
+    assert by_name["layers.0.wo.lra"].size == 3 * d + 3 * (d // 32)  # d -> d/32 -> d, rank-1 factors and biases
+    assert by_name["layers.0.ffn_norm.lnfit"].size == d
+    assert "layers.0.wq.lra" not in by_name and "layers.0.w3.lra" not in by_name  # after wo and w2 only
+    # on Llama-2 7B: 162,603,008 parameters in the space, at the budget 8.6M
+    from adapters import LLAMA2_7B, count_parameters, ssp_budget
+    assert count_parameters(LLAMA2_7B, SSP, r=ssp.R_C) == 162_603_008
+    assert ssp_budget(LLAMA2_7B) == 8_600_000
+
+
+def test_fresh_candidates_other_than_the_low_rank_adapter_leave_the_logits_bit_identical():
+    base = wide_model()(TOKENS)
+    identity = [c.name for c in space() if c.kind != ssp.ADAPTER]
+    with torch.no_grad():
+        assert torch.equal(with_structure(identity)(TOKENS), base)
+        # S3Delta's low-rank adapter starts with random factors (only its biases are 0): not the identity
+        lra = [c.name for c in space() if c.kind == ssp.ADAPTER]
+        assert not torch.allclose(with_structure(lra)(TOKENS), base)
+        # the supernet, every candidate, with the low-rank adapters' gates at 0: the base model, bit for bit
+        model = adapters.add_adapter(wide_model(), SSP, r=R_C, budget=1000)
+        z = torch.tensor([0.0 if c.kind == ssp.ADAPTER else 0.7 for c in space()])
+        model.ssp_gates.z = z
+        assert torch.equal(model(TOKENS), base)
+
+
+def test_a_gate_scales_its_candidates_delta():
+    model = adapters.add_adapter(wide_model(), SSP, r=R_C, budget=1000)
+    randomise_adapter(model, 1)
+    cands = space()
+    logits = {}
+    for scale in (1.0, 0.5):
+        model.ssp_gates.z = torch.tensor([scale if c.name == "layers.0.wv.bias" else 0.0 for c in cands])
+        with torch.no_grad():
+            logits[scale] = model(TOKENS)
+    only = with_structure(["layers.0.wv.bias"])
+    with torch.no_grad():
+        only.layers[0].attention.wv.ssp_bias.copy_(0.5 * model.layers[0].attention.wv.ssp_bias)
+        torch.testing.assert_close(logits[0.5], only(TOKENS), **WIDE)
+    assert not torch.allclose(logits[1.0], logits[0.5])
+
+
+# -----------------------------------------------------------------------------
+# the gates and the derivation
+
+
+def test_the_shift_meets_the_budget_in_expectation_for_any_alphas():
+    cands = space()
+    sizes = torch.tensor([c.size for c in cands], dtype=torch.float64)
+    budget = int(0.05 * sizes.sum())
+    b = 0.0
+    for seed in range(5):
+        alpha = torch.randn(len(cands), generator=torch.Generator().manual_seed(seed)) * 3
+        b = ssp.solve_shift(alpha, sizes, budget, b)
+        expected = (ssp.probabilities(alpha, b) * sizes).sum().item()
+        assert abs(expected - budget) <= 1e-6 * budget
+
+
+def test_the_derived_structure_is_the_greedy_fill_by_probability_under_the_budget():
+    cands = space()
+    alpha = torch.randn(len(cands), generator=torch.Generator().manual_seed(0))
+    budget = int(0.05 * sum(c.size for c in cands))
+    structure = ssp.derive(cands, alpha, budget)
+    chosen = [c for c in cands if c.name in structure]
+    assert sum(c.size for c in chosen) <= budget
+    # every candidate left out would not fit beside those of higher p
+    order = sorted(range(len(cands)), key=lambda i: -alpha[i].item())  # p is monotone in alpha
+    used = 0
+    for i in order:
+        fits = used + cands[i].size <= budget
+        assert (cands[i].name in structure) == fits
+        used += cands[i].size * fits
+
+
+# -----------------------------------------------------------------------------
+# the search and the retrain, through train.py
+
+
+def ssp_flags(task, model, out_dir, *extra):
+    """The tiny run (train_test.flags) as SSP: rank 4, a budget of about 5% of the tiny space, 4 steps per stage."""
+    argv = flags(task, model, out_dir, SSP, "--ssp_budget", BUDGET, "--max_steps", 4, "--eval_interval", 2,
+                 "--lr", 3e-2, *extra)
+    return argv
+
+
+BUDGET = 2500  # the tiny model's space: 66,432 parameters at r_c = 4
+
+
+def test_a_search_keeps_the_budget_in_expectation_at_every_step_and_its_structure_fits_it(tiny_task, tiny_model,
+                                                                                           tmp_path):
+    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "out"))
+    out = tmp_path / "out"
+    steps = [r for r in read_log(out / "search.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert abs(r["expected_params"] - BUDGET) <= 1e-6 * BUDGET, r
+    payload = torch.load(out / "adapter.pt", weights_only=True)
+    structure = payload["config"]["structure"]
+    model, _ = load(str(tiny_model))
+    sizes = {c.name: c.size for c in ssp.search_space(model, R_C)}
+    assert 0 < sum(sizes[n] for n in structure) <= BUDGET
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_parameters"] == sum(sizes[n] for n in structure)
+    assert results["dev"] is not None and results["test"] is not None
+    assert torch.load(out / "search.pt", weights_only=True)["structure"] == structure
+
+
+def killed_in(argv, monkeypatch, search_step=None, retrain_step=None):
+    """train.main(argv), killed as step `search_step` of the search (lr_at without warmup: the search's schedule),
+    or step `retrain_step` of the retrain (train_loop's, with its warmup), begins."""
+    lr_at = train.lr_at
+
+    def killed(s, lr, warmup, total):
+        if (warmup == 0 and s == (search_step or 0) - 1) or (warmup > 0 and s == (retrain_step or 0) - 1):
+            raise Killed()
+        return lr_at(s, lr, warmup, total)
+
+    monkeypatch.setattr(train, "lr_at", killed)
+    with pytest.raises(Killed):
+        train.main(argv)
+    monkeypatch.undo()
+
+
+def run_files(out):
+    search = torch.load(out / "search.pt", weights_only=True)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    return search, ckpt, without_timing(read_log(out / "search.jsonl")), without_timing(read_log(out / "log.jsonl"))
+
+
+@pytest.mark.parametrize("stage", ["search", "retrain"])
+def test_a_run_killed_in_either_stage_resumes_to_exactly_the_run_never_killed(stage, tiny_task, tiny_model,
+                                                                             tmp_path, monkeypatch):
+    extra = ("--ckpt_minutes", 0, "--eval_splits", "none")  # a checkpoint at every step
+    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "whole", *extra))
+    killed_in(ssp_flags(tiny_task, tiny_model, tmp_path / "killed", *extra), monkeypatch,
+              **{f"{stage}_step": 3})
+    if stage == "search":
+        assert not (tmp_path / "killed" / "ckpt.pt").exists()
+        assert torch.load(tmp_path / "killed" / "search.pt", weights_only=True)["state"]["step"] == 2
+    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "killed", *extra, "--resume"))
+    (s1, c1, sl1, l1), (s2, c2, sl2, l2) = run_files(tmp_path / "whole"), run_files(tmp_path / "killed")
+    assert s1["structure"] == s2["structure"]
+    assert torch.equal(s1["search"]["alpha"], s2["search"]["alpha"]) and s1["search"]["b"] == s2["search"]["b"]
+    assert all(torch.equal(a, b) for a, b in zip(s1["weights"], s2["weights"]))
+    assert sl1 == sl2 and l1 == l2
+    for name, t in c1["adapter"].items():
+        assert torch.equal(c2["adapter"][name], t), name
+
+
+def test_a_given_structure_is_retrained_without_a_search(tiny_task, tiny_model, tmp_path):
+    structure = "layers.0.wq.lowrank,layers.1.ffn_norm.lnfit,layers.1.w2.lra"
+    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "out", "--ssp_structure", structure, "--eval_splits", "none"))
+    assert not (tmp_path / "out" / "search.pt").exists()
+    config = torch.load(tmp_path / "out" / "adapter.pt", weights_only=True)["config"]
+    assert set(config["structure"]) == set(structure.split(","))  # kept in the space's order
+
+
+# -----------------------------------------------------------------------------
+# the retrained structure as an adapter
+
+
+def trained_tenant(names, seed, path):
+    model = with_structure(names, budget=5000)
+    randomise_adapter(model, seed)
+    adapters.save_adapter(model, path)
+    return model
+
+
+def two_structures():
+    cands = [c.name for c in space()]
+    rng = random.Random(0)
+    a = rng.sample(cands, 12) + ["layers.0.wo.lra", "layers.1.attention_norm.lnfit"]
+    b = rng.sample([c for c in cands if c not in a], 10) + ["layers.1.w2.lra", "layers.0.ffn_norm.bias"]
+    return a, b
+
+
+def test_a_retrained_structure_saves_loads_and_generates_as_it_did(tmp_path):
+    a, _ = two_structures()
+    model = trained_tenant(a, 1, tmp_path / "a.pt")
+    loaded = adapters.load_adapter(wide_model(), [tmp_path / "a.pt"])
+    assert loaded.adapter_config["structure"] == model.adapter_config["structure"]
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS), model(TOKENS))
+        assert not torch.allclose(loaded(TOKENS), wide_model()(TOKENS))
+    prompts = [[5, 9, 2, 7], [3, 8]]
+    assert generated(loaded, prompts) == generated(model, prompts)
+
+
+def test_a_bank_of_ssp_tenants_of_different_structures_gives_each_row_what_its_adapter_gives_alone(tmp_path):
+    a, b = two_structures()
+    alone = [trained_tenant(a, 1, tmp_path / "a.pt"), trained_tenant(b, 2, tmp_path / "b.pt"), wide_model()]
+    bank = adapters.load_adapter(wide_model(), [tmp_path / "a.pt", tmp_path / "b.pt", None])  # None: the base model
+    assert set(bank.adapter_config["structure"]) == set(a) | set(b)
+    ids = torch.tensor([0, 1, 2, 1])
+    tokens = torch.cat([TOKENS, TOKENS])
+    with torch.no_grad():
+        rows = bank(tokens, adapter_ids=ids)
+        for row, i in enumerate(ids.tolist()):
+            torch.testing.assert_close(rows[row], alone[i](tokens[row:row + 1])[0], **WIDE)
+        torch.testing.assert_close(rows[2], wide_model()(tokens[2:3])[0], **WIDE)
+    prompts = [[5, 9, 2, 7, 1], [3, 8], [11, 4, 6]]
+    banked = generated(bank, prompts, adapter_ids=torch.tensor([0, 1, 2]))
+    assert banked == [generated(model, [prompt])[0] for prompt, model in zip(prompts, alone)]
+    assert banked != generated(wide_model(), prompts)  # the tenants' adapters matter
+
+
+def test_a_bank_holds_one_method_so_a_para_tenant_beside_ssp_tenants_is_refused(tmp_path):
+    a, _ = two_structures()
+    trained_tenant(a, 1, tmp_path / "a.pt")
+    adapters.save_adapter(adapters.add_adapter(wide_model(), adapters.PARA, r=4), tmp_path / "para.pt")
+    with pytest.raises(UserError, match="a bank needs one method"):
+        adapters.load_adapter(wide_model(), [tmp_path / "a.pt", tmp_path / "para.pt"])
+
+
+# -----------------------------------------------------------------------------
+# bad inputs
+
+
+def test_bad_budgets_structures_and_banks_are_refused_with_a_message():
+    total = sum(c.size for c in space())
+    with pytest.raises(UserError, match="not below its search space"):
+        adapters.add_adapter(wide_model(), SSP, r=R_C, budget=total)
+    with pytest.raises(UserError, match="below its smallest candidate"):
+        adapters.add_adapter(wide_model(), SSP, r=R_C, budget=3)
+    with pytest.raises(UserError, match="unknown candidates"):
+        with_structure(["layers.0.wq.lowrank", "layers.9.wq.lowrank"])
+    with pytest.raises(UserError, match="named twice"):
+        with_structure(["layers.0.wq.bias", "layers.0.wq.bias"])
+    with pytest.raises(UserError, match="different LoRA ranks"):
+        ssp.union([{"method": SSP, "r": 4, "budget": 1, "structure": []}, {"method": SSP, "r": 8, "budget": 1,
+                                                                          "structure": []}])
+
+
+def test_a_budget_above_the_space_stops_train_py_before_the_search(tiny_task, tiny_model, tmp_path):
+    with pytest.raises(UserError, match="not below its search space"):
+        train.main(flags(tiny_task, tiny_model, tmp_path / "out", SSP, "--ssp_budget", 10**9))
