@@ -333,12 +333,20 @@ class Bank:
             return  # the base model alone
         payloads = {name: adapters.read_adapter_file(path) for name, path in files.items()}
         self.config = next(iter(payloads.values()))["config"]
+        # a method with a union (SSP: tenants of different structures) serves the union of its tenants' configs
+        self.union = adapters.METHODS[self.config["method"]].union
+        if self.union and all(p["config"]["method"] == self.config["method"] for p in payloads.values()):
+            self.config = self.union([p["config"] for p in payloads.values()])
         for name, p in payloads.items():
-            if p["config"] != self.config:
+            if not self.fits(p["config"]):
                 raise UserError(f"adapter {name!r} is a {p['config']} adapter, {next(iter(payloads))!r} a "
                                 f"{self.config} one: one server serves one method and config (one bank)")
         settings = dict(self.config)
         adapters.add_adapter(model, settings.pop("method"), n_adapters=n_rows, **settings)  # each the identity
+        if self.union:  # a union's rows are zeros where a tenant has nothing (a fresh SSP low-rank adapter is random)
+            with torch.no_grad():
+                for t in adapters.adapter_state_dict(model).values():
+                    t.zero_()
         for row, name in enumerate(named, start=1):
             self.fill(row, files[name], payloads[name])
             self.rows[name] = row
@@ -346,13 +354,23 @@ class Bank:
     def fill(self, row, path, payload=None):
         """Adapter file `path` into bank row `row`, checked against this bank and this base model."""
         payload = payload or adapters.read_adapter_file(path)
-        if payload["config"] != self.config:
+        if not self.fits(payload["config"]):
             raise UserError(f"{path} is a {payload['config']} adapter; this server's bank holds {self.config}")
         adapters.check_adapter_file(path, payload, self.model.args, self.base, self.any_base)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for k, t in payload["tensors"].items():
-                params[k][row].copy_(t)
+            for k in adapters.adapter_state_dict(self.model):
+                if k in payload["tensors"]:
+                    params[k][row].copy_(payload["tensors"][k])
+                else:  # a union's tensor this tenant lacks: zeros, which add nothing (and clear an evicted tenant's)
+                    params[k][row].zero_()
+
+    def fits(self, config):
+        """Whether the bank can hold an adapter of this config: its own, or (a union) one the union covers."""
+        if config == self.config:
+            return True
+        return bool(self.union) and config.get("method") == self.config["method"] and \
+            self.union([self.config, config]) == self.config
 
     def names(self):
         """Every adapter this server can serve: the named ones, and --adapter_dir's files."""

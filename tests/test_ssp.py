@@ -289,3 +289,19 @@ def test_bad_budgets_structures_and_banks_are_refused_with_a_message():
 def test_a_budget_above_the_space_stops_train_py_before_the_search(tiny_task, tiny_model, tmp_path):
     with pytest.raises(UserError, match="not below its search space"):
         train.main(flags(tiny_task, tiny_model, tmp_path / "out", SSP, "--ssp_budget", 10**9))
+
+
+def test_the_server_banks_ssp_tenants_of_different_structures_beside_the_base_model(tmp_path):
+    import serve
+
+    a, b = two_structures()
+    alone = {"a": trained_tenant(a, 1, tmp_path / "a.pt"), "b": trained_tenant(b, 2, tmp_path / "b.pt")}
+    model = wide_model()
+    bank = serve.Bank(model, {"a": str(tmp_path / "a.pt"), "b": str(tmp_path / "b.pt")})
+    ids = torch.tensor([bank.rows["a"], bank.rows["b"], serve.BASE])
+    tokens = torch.cat([TOKENS, TOKENS[:1]])
+    with torch.no_grad():
+        rows = model(tokens, adapter_ids=ids)
+        torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
+        torch.testing.assert_close(rows[1], alone["b"](tokens[1:2])[0], **WIDE)
+        torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)  # row 0: the base model
