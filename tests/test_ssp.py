@@ -305,3 +305,115 @@ def test_the_server_banks_ssp_tenants_of_different_structures_beside_the_base_mo
         torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
         torch.testing.assert_close(rows[1], alone["b"](tokens[1:2])[0], **WIDE)
         torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)  # row 0: the base model
+
+
+# -----------------------------------------------------------------------------
+# the bi-level step
+
+
+def test_the_virtual_step_is_torchs_adamw_step_and_leaves_the_optimizer_as_it_was():
+    import copy
+
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = torch.optim.AdamW(w, lr=1e-2, weight_decay=0.1)
+    for _ in range(2):  # moments that are not zero
+        for p in w:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    grads = [torch.randn_like(p) for p in w]
+    reference = copy.deepcopy(w)
+    reference_optimizer = torch.optim.AdamW(reference, weight_decay=0.1)
+    reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    reference_optimizer.param_groups[0]["lr"] = 3e-2  # the virtual step's rate: the one given
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    reference_optimizer.step()
+    state = copy.deepcopy(optimizer.state_dict())
+    ssp.virtual_adamw(w, grads, optimizer, lr=3e-2)
+    for p, q in zip(w, reference):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0)
+    assert str(optimizer.state_dict()) == str(state)  # the real moments did not move
+
+
+def search_on_wide_model(seed=0):
+    model = adapters.add_adapter(wide_model(), SSP, r=R_C, budget=3000).train()
+    adapters.mark_only_adapter_as_trainable(model)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.0)
+    search = ssp.Search(model, 3000, seed)
+
+    def grads(batch, tensors):
+        loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        g = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        return loss.item(), [torch.zeros_like(t) if d is None else d for t, d in zip(tensors, g)]
+    return model, weights, optimizer, search, grads
+
+
+def test_a_search_step_moves_the_alphas_and_leaves_the_weights_only_to_their_own_step(monkeypatch):
+    model, weights, optimizer, search, grads = search_on_wide_model()
+    before = [p.detach().clone() for p in weights]
+    at_own_step = []
+    step = optimizer.step
+    monkeypatch.setattr(optimizer, "step", lambda: (at_own_step.append([p.detach().clone() for p in weights]),
+                                                   step())[1])
+    batch_w, batch_a = TOKENS, TOKENS.flip(1)
+    search.step(weights, optimizer, grads, batch_w, batch_a, lr_w=1e-2, lr_alpha=0.1)
+    # the virtual step and the finite differences gave the weights back exactly before their own step
+    assert all(torch.equal(a, b) for a, b in zip(at_own_step[0], before))
+    assert not torch.equal(search.alpha.detach(), torch.zeros_like(search.alpha))
+    assert any(not torch.equal(p, b) for p, b in zip(weights, before))
+    assert abs(search.expected_size - 3000) <= 1e-6 * 3000  # at the new alphas, after the weights' sample
+
+
+def test_the_second_order_term_is_the_finite_difference_of_the_training_gradient():
+    # dL_val/dalpha at w' minus lr_w times the Hessian term: with lr_w = 0 the virtual step is the identity and the
+    # alphas get the first-order gradient dL_val/dalpha at w
+    model, weights, optimizer, search, grads = search_on_wide_model()
+    randomise_adapter(model, 1)
+    u_state = search.uniforms.get_state()
+    search.sample(search.uniform())
+    _, (first_order,) = grads(TOKENS.flip(1), [search.alpha])
+    search.uniforms.set_state(u_state)
+    search.b = 0.0
+    captured = {}
+    search.optimizer.step = lambda: captured.setdefault("grad", search.alpha.grad.clone())  # the clipped gradient
+    search.step(weights, optimizer, grads, TOKENS, TOKENS.flip(1), lr_w=0.0, lr_alpha=0.1)
+    torch.testing.assert_close(captured["grad"], clipped(first_order), atol=1e-6, rtol=1e-4)
+
+
+def clipped(g):
+    return g * min(1.0, ssp.GRAD_CLIP / (g.norm().item() + 1e-6))
+
+
+def test_the_alphas_gradient_is_dartss_second_order_one_against_an_exact_hessian_vector_product():
+    model, weights, optimizer, search, grads = search_on_wide_model()
+    randomise_adapter(model, 1)
+    lr_w, train_batch, alpha_batch = 1e-2, TOKENS, TOKENS.flip(1)
+    u_state = search.uniforms.get_state()
+    # by autograd: w' = w after the virtual step; v = dL_val/dw' at w'; the term d/dalpha <dL_train/dw, v> at w
+    search.sample(search.uniform())
+    w = [p.detach().clone() for p in weights]
+    ssp.virtual_adamw(weights, grads(train_batch, weights)[1], optimizer, lr_w)
+    _, (d_alpha, *v) = grads(alpha_batch, [search.alpha, *weights])
+    with torch.no_grad():
+        for p, saved in zip(weights, w):
+            p.copy_(saved)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU's fused attention has no second derivative
+        logits = model(train_batch[:, :-1]).flatten(0, 1)
+        g_w = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, train_batch[:, 1:].flatten()), weights,
+                                  create_graph=True)
+        hessian_v = torch.autograd.grad(sum((g * d).sum() for g, d in zip(g_w, v)), search.alpha)[0]
+    expected = clipped(d_alpha - lr_w * hessian_v)  # no clip here: its norm is below 2
+    # the step's, with finite differences, from the same u
+    search.uniforms.set_state(u_state)
+    search.b, captured = 0.0, {}
+    search.optimizer.step = lambda: captured.setdefault("grad", search.alpha.grad.clone())
+    search.step(weights, optimizer, grads, train_batch, alpha_batch, lr_w=lr_w, lr_alpha=0.1)
+    term = lr_w * hessian_v
+    assert term.norm() > 0.5 * d_alpha.norm()  # the second-order term is large here: its sign and size are checked
+    # S3Delta's finite differences (eps = 0.01 / |v|) carry an error of a few percent of that term (measured: 5%;
+    # it shrinks as eps^2 with a smaller eps); first-order DARTS would be off by 100% of it, a wrong sign by 200%
+    assert (captured["grad"] - expected).norm() < 0.1 * term.norm()
