@@ -733,8 +733,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     base, tokenizer = load_model(path, device, dtype)
-    # method -> its settings; not full fine-tuning, which has no adapter: at inference it is a base model
-    args.sizes = {m: adapters.compared_size(base.args, m) for m, method in adapters.METHODS.items() if not method.full}
+    # method -> its settings; not full fine-tuning, which has no adapter: at inference it is a base model; not SSP,
+    # whose cost is that of the structure its search chooses, known only after a search (its space is 20x its budget)
+    args.sizes = {m: adapters.compared_size(base.args, m) for m, method in adapters.METHODS.items()
+                  if not method.full and not method.searches}
     rows, notes, loads = run_sections(base, tokenizer, args, device, dtype, path)
     setting = {"model": os.path.basename(os.path.normpath(path)), "device": str(device), "dtype": str(dtype),
                "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,

@@ -200,6 +200,10 @@ def plan(a):
             f"best {trained} on dev, a copy (fp32)": one}
     if adapters.METHODS[a.method].prunes:  # AdaLoRA's allocator: a smoothed importance and its uncertainty
         rows["AdaLoRA's scores (2 x fp32)"] = 2 * one
+    if adapters.METHODS[a.method].searches:  # SSP's search (ssp.Search.step), the peak: its whole space trains, and a
+        # step keeps the weights before its virtual step, that step's gradient and the alpha half's (its retrain
+        # trains only the chosen structure, at most the budget)
+        rows["SSP search: 3 more copies (fp32)"] = 3 * one
     rows = {k: v if isinstance(v, dict) else {kind: v for kind in KINDS} for k, v in rows.items()}
     total = {k: {c: sum(r[k] for r in rows.values()) + acts[c] for c in CKPT} for k in KINDS}
     mem = a.gpu_mem * GiB
