@@ -1,11 +1,12 @@
 """
-Fine-tune LLaMA-2 on one task with PARA (or a baseline: (IA)^3, LoRA, AdaLoRA, Houlsby, or full fine-tuning), keep
+Fine-tune LLaMA-2 on one task with PARA (or a baseline: (IA)^3, LoRA, AdaLoRA, Houlsby, SSP or full fine-tuning), keep
 the adapter that is best on dev loss, and report dev and test metrics from generation. The paper's recipe (section
 4.3) is the default:
 
     python train.py --task copa --r 12                   # the small default model, on a CPU laptop
     python train.py --task copa --method none            # zero-shot: the base model, no adapter
     python train.py --task copa --method full            # every weight trains; the model is saved in model/
+    python train.py --task copa --method ssp             # SSP: its structure searched, then retrained (ssp.py)
     python train.py --task boolq --ckpt_dir llama-2-7b --grad_checkpointing --seeds 1,2,3,4,5
     torchrun --nproc_per_node 8 train.py --task squad --ckpt_dir llama-2-7b --adapter_rank 12 --micro_batch_size 4
     torchrun --nproc_per_node 8 train.py --fsdp --task boolq --ckpt_dir llama-2-70b --grad_checkpointing
@@ -14,7 +15,8 @@ the adapter that is best on dev loss, and report dev and test metrics from gener
 Out folder: adapter.pt (best on dev), ckpt.pt (to --resume), log.jsonl (one line per step and per dev
 evaluation), predictions.jsonl and results.json. With --seeds, one such folder per seed (seed1/, ...) and a
 results.json with each seed and the median. Full fine-tuning saves no adapter.pt but the model itself, best on
-dev, in model/ (an HF folder, loaders.save: python generate.py --ckpt_dir OUT/model), once training ends.
+dev, in model/ (an HF folder, loaders.save: python generate.py --ckpt_dir OUT/model), once training ends. SSP
+searches its structure first, in the same folder (search.pt to --resume, search.jsonl), then retrains it there.
 """
 import argparse
 import json
@@ -429,12 +431,17 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     autocast = autocast_for(device, dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
+    structure, searched = None, {}
+    if searching(args):  # SSP: the search stage first, then the chosen structure is retrained, fresh
+        try:
+            structure, searched = search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir,
+                                                   settings, inputs, autocast, device)
+        except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, not a traceback
+            command = shlex.join(["python", *sys.argv] + ["--resume"] * ("--resume" not in sys.argv))
+            raise UserError(f"interrupted in SSP's search: {out_dir / 'search.pt'} holds its last checkpoint. "
+                            f"Continue with: {command}") from None
+        torch.manual_seed(seed)  # the retrain's initialisation is the same whether the search ran now or before
     if not where.fsdp:
-        structure = None
-        if searching(args):  # SSP: the search stage first, then the chosen structure is retrained, fresh
-            structure = search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings,
-                                         inputs, autocast, device)
-            torch.manual_seed(seed)  # the retrain's initialisation is the same whether the search ran now or before
         attach_adapter(args, model, structure)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -463,7 +470,7 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
                 "trainable_parameters": n_trainable, "steps": run.state.step,
                 "best_dev_loss": run.state.best_loss if run.state.step else None, "train_examples": len(train),
                 "truncated_train_examples": n_truncated, "batch_size": batch_size,
-                "wall_time_s": round(finished.get("wall_time_s", 0) + time.time() - t_start, 1)}
+                "wall_time_s": round(finished.get("wall_time_s", 0) + time.time() - t_start, 1)} | searched
     if finished.get("peak_memory_bytes"):  # scored later, in another process: training's peak may be the higher
         results["peak_memory_bytes"] = max(finished["peak_memory_bytes"], results["peak_memory_bytes"] or 0)
     if where.master:
@@ -633,10 +640,10 @@ def searching(args):
 def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings, inputs, autocast,
                      device):
     """SSP's search on the frozen model (ssp.Search); returns the structure derived from the alphas of the lowest dev
-    loss. The training examples are split 50/50 at random (seeded): the delta weights learn on one half, the alphas
-    on the other, one batch of each per step, for --epochs over the first half (or --max_steps). search.pt (written
-    at every dev evaluation, every --ckpt_minutes and at the end) continues it exactly under --resume; once it holds
-    the structure, the search is done."""
+    loss, and what results.json says of the search. The training examples are split 50/50 at random (seeded): the
+    delta weights learn on one half, the alphas on the other, one batch of each per step, for --epochs over the
+    first half (or --max_steps). search.pt (written at every dev evaluation, every --ckpt_minutes and at the end)
+    continues it exactly under --resume; once it holds the structure, the search is done."""
     path, log_path = out_dir / "search.pt", out_dir / "search.jsonl"
     saved = torch_load(path) if path.exists() else None  # claim_out_dir kept it only under --resume
     if saved is not None:
@@ -647,7 +654,7 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
         runs.check_inputs(saved.get("inputs"), inputs, path)
         if saved["structure"] is not None:
             print(f"search: done, {len(saved['structure'])} candidates chosen ({path})")
-            return saved["structure"]
+            return saved["structure"], search_summary(saved["state"], saved["structure"])
     if len(train) < 2:
         raise UserError("SSP's search splits the training examples in two halves: it needs at least 2")
     adapters.add_adapter(model, args.method, **adapter_settings(args, model))  # the supernet: every candidate, gated
@@ -661,7 +668,7 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
     halves = ([train[i] for i in split[:len(train) // 2]], [train[i] for i in split[len(train) // 2:]])
     per_epoch = [math.ceil(len(h) / batch_size) for h in halves]
     total = min(args.epochs * per_epoch[0], args.max_steps or math.inf)
-    state = {"step": 0, "best_loss": math.inf, "best_alpha": search.alpha.detach().cpu().clone()}
+    state = {"step": 0, "best_loss": math.inf, "best_alpha": search.alpha.detach().cpu().clone(), "time": 0.0}
     print(f"search: {len(search.space)} candidates, {int(search.sizes.sum()):,} parameters; budget {budget:,}; "
           f"{len(halves[0])} + {len(halves[1])} examples, {total} steps")
     if saved is not None:
@@ -696,11 +703,11 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
     log, last_ckpt = open(log_path, "ab"), time.time()
     structure = None
     while structure is None:
-        t = state["step"]
+        t, t0 = state["step"], time.time()
         model.train()
         lr_w, lr_alpha = lr_at(t, lr_of(args), 0, total), lr_at(t, ssp.ALPHA_LR, 0, total)  # linear decay, no warmup
         loss = search.step(weights, w_optimizer, grads, batch(0, t), batch(1, t), lr_w, lr_alpha)
-        state["step"] += 1
+        state["step"], state["time"] = state["step"] + 1, state["time"] + time.time() - t0
         records = [{"step": t + 1, "loss": loss, "lr": lr_w, "alpha_lr": lr_alpha, "shift": search.b,
                     "expected_params": search.expected_size}]
         evaluated = state["step"] % args.eval_interval == 0 or state["step"] >= total
@@ -728,7 +735,12 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
     size = sum(c.size for c in search.space if c.name in set(structure))
     print(f"search: done, {len(structure)} candidates, {size:,} parameters (budget {budget:,})")
     adapters.remove_adapter(model)
-    return structure
+    return structure, search_summary(state, structure)
+
+
+def search_summary(state, structure):
+    return {"search_steps": state["step"], "search_time_s": round(state["time"], 1),
+            "search_best_dev_loss": state["best_loss"], "searched_candidates": len(structure)}
 
 
 def rank_allocator(args, model, total_steps):

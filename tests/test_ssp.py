@@ -157,6 +157,7 @@ def test_a_search_keeps_the_budget_in_expectation_at_every_step_and_its_structur
     results = json.loads((out / "results.json").read_text())
     assert results["trainable_parameters"] == sum(sizes[n] for n in structure)
     assert results["dev"] is not None and results["test"] is not None
+    assert results["search_steps"] == 4 and results["searched_candidates"] == len(structure)
     assert torch.load(out / "search.pt", weights_only=True)["structure"] == structure
 
 
@@ -204,7 +205,8 @@ def test_a_run_killed_in_either_stage_resumes_to_exactly_the_run_never_killed(st
 
 def test_a_given_structure_is_retrained_without_a_search(tiny_task, tiny_model, tmp_path):
     structure = "layers.0.wq.lowrank,layers.1.ffn_norm.lnfit,layers.1.w2.lra"
-    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "out", "--ssp_structure", structure, "--eval_splits", "none"))
+    train.main(ssp_flags(tiny_task, tiny_model, tmp_path / "out", "--ssp_structure", structure,
+                         "--eval_splits", "none"))
     assert not (tmp_path / "out" / "search.pt").exists()
     config = torch.load(tmp_path / "out" / "adapter.pt", weights_only=True)["config"]
     assert set(config["structure"]) == set(structure.split(","))  # kept in the space's order
