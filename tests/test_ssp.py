@@ -419,3 +419,34 @@ def test_the_alphas_gradient_is_dartss_second_order_one_against_an_exact_hessian
     # S3Delta's finite differences (eps = 0.01 / |v|) carry an error of a few percent of that term (measured: 5%;
     # it shrinks as eps^2 with a smaller eps); first-order DARTS would be off by 100% of it, a wrong sign by 200%
     assert (captured["grad"] - expected).norm() < 0.1 * term.norm()
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_on_gemma_fresh_candidates_change_no_bit_alone_or_in_a_bank_and_lnfit_changes_gemmas_gain(version):
+    from gemma import Gemma, GemmaArgs
+
+    args = GemmaArgs(version=version, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
+                     vocab_size=64, max_seq_len=64, sliding_window=4)
+
+    def gemma():
+        torch.manual_seed(0)
+        model = Gemma(args)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(0.2 * torch.randn_like(p) if p.ndim == 1 else 2 * torch.randn_like(p) / p.shape[1] ** 0.5)
+        return model.eval()
+
+    with torch.no_grad():
+        base = gemma()(TOKENS)
+        identity = [c.name for c in space(gemma()) if c.kind != ssp.ADAPTER]
+        model = with_structure(identity, model=gemma())
+        assert torch.equal(model(TOKENS), base)
+        settings = {k: v for k, v in model.adapter_config.items() if k != "method"}
+        bank = adapters.add_adapter(gemma(), SSP, n_adapters=2, **settings)
+        assert torch.equal(bank(TOKENS, adapter_ids=torch.tensor([0, 1])), base)
+        # LNFit: the norm's output gains rms(x) * w, on Gemma's own (1 + g) norm
+        norm = model.layers[0].ffn_norm
+        x = torch.randn(2, 3, args.dim)
+        before = norm(x)
+        norm.ssp_gain.fill_(0.5)
+        torch.testing.assert_close(norm(x), before + 0.5 * torch.nn.functional.rms_norm(x, (args.dim,), eps=norm.eps))
