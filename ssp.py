@@ -25,6 +25,7 @@ The search space: one candidate per (position, kind of delta), each with its own
   - r_c = 64, not the authors' 1 (forced): their space mapped literally onto Llama-2 7B holds 5.2M parameters, below
     the 8.6M budget of the PARA paper's Table 2; at r_c = 64 the budget is about 5% of the space, the share the
     authors' own S3PET-M runs searched (5.4% on T5-large).
+  - LNFit normalises with the backbone norm's own eps (S3Delta's 1e-6 is T5's norm's own).
   - Every candidate but one is the identity when fresh. The "lra" is not: both its factors are random and only its
     biases start at 0 (as in S3Delta), so a structure holding one changes the outputs from the first step.
   - The final norm's two candidates (in S3Delta's space) are left out: a bank serves each row its own adapter

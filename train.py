@@ -672,6 +672,8 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
     print(f"search: {len(search.space)} candidates, {int(search.sizes.sum()):,} parameters; budget {budget:,}; "
           f"{len(halves[0])} + {len(halves[1])} examples, {total} steps")
     if saved is not None:
+        if saved["split"] != split:  # a function of the seed and the examples, both checked: never expected
+            raise UserError(f"cannot --resume {path}: its 50/50 split of the training examples is not this run's")
         with torch.no_grad():
             for p, t in zip(weights, saved["weights"]):
                 p.copy_(t)
