@@ -368,7 +368,7 @@ def test_a_search_step_moves_the_alphas_and_leaves_the_weights_only_to_their_own
     assert abs(search.expected_size - 3000) <= 1e-6 * 3000  # at the new alphas, after the weights' sample
 
 
-def test_the_second_order_term_is_the_finite_difference_of_the_training_gradient():
+def test_with_a_weight_rate_of_0_the_alphas_get_the_first_order_gradient():
     # dL_val/dalpha at w' minus lr_w times the Hessian term: with lr_w = 0 the virtual step is the identity and the
     # alphas get the first-order gradient dL_val/dalpha at w
     model, weights, optimizer, search, grads = search_on_wide_model()
