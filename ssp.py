@@ -58,7 +58,9 @@ recipe, like every other method).
     search = Search(model, ...); search.step(...) ...; structure = derive(...)
     add_ssp(model, r=64, budget=B, structure=structure)          # the chosen structure alone: a static adapter
 """
+import json
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -415,3 +417,123 @@ def virtual_adamw(weights, grads, optimizer, lr):
         p.mul_(1 - lr * decay)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)) + eps
         p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+
+
+# -----------------------------------------------------------------------------
+# the search stage's loop, run by train.py before the retrain
+
+
+def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings, inputs, autocast,
+                     device):
+    """SSP's search on the frozen model (Search, above); returns the structure derived from the alphas of the lowest dev
+    loss, and what results.json says of the search. The training examples are split 50/50 at random (seeded): the
+    delta weights learn on one half, the alphas on the other, one batch of each per step, for --epochs over the
+    first half (or --max_steps). search.pt (written at every dev evaluation, every --ckpt_minutes and at the end)
+    continues it exactly under --resume; once it holds the structure, the search is done. train.py calls it with
+    its run's flags and data, and this loop uses train.py's pieces: the loss, the micro-batches, the schedule."""
+    # here, not at the top: train.py and adapters.py import this file
+    import adapters
+    import runs
+    from data import atomic_write
+    from loaders import torch_load
+    from train import adapter_settings, answer_loss, collate, lr_at, lr_of, micro_batches, spelled_out, target_loss
+
+    path, log_path = out_dir / "search.pt", out_dir / "search.jsonl"
+    saved = torch_load(path) if path.exists() else None  # claim_out_dir kept it only under --resume
+    if saved is not None:
+        then, now = spelled_out(saved["settings"]), spelled_out(settings)
+        if then != now:
+            raise UserError(f"cannot --resume {out_dir}: its search used other settings, (then, now): "
+                            f"{ {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v} }")
+        runs.check_inputs(saved.get("inputs"), inputs, path)
+        if saved["structure"] is not None:
+            print(f"search: done, {len(saved['structure'])} candidates chosen ({path})")
+            return saved["structure"], search_summary(saved["state"], saved["structure"])
+    if len(train) < 2:
+        raise UserError("SSP's search splits the training examples in two halves: it needs at least 2")
+    adapters.add_adapter(model, args.method, **adapter_settings(args, model))  # the supernet: every candidate, gated
+    adapters.mark_only_adapter_as_trainable(model)
+    model.grad_checkpointing = args.grad_checkpointing
+    weights = [p for p in model.parameters() if p.requires_grad]
+    w_optimizer = torch.optim.AdamW(weights, lr=lr_of(args), weight_decay=0.0)  # S3Delta's: no weight decay
+    budget = model.adapter_config["budget"]
+    search = Search(model, budget, seed)
+    split = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    halves = ([train[i] for i in split[:len(train) // 2]], [train[i] for i in split[len(train) // 2:]])
+    per_epoch = [math.ceil(len(h) / batch_size) for h in halves]
+    total = min(args.epochs * per_epoch[0], args.max_steps or math.inf)
+    state = {"step": 0, "best_loss": math.inf, "best_alpha": search.alpha.detach().cpu().clone(), "time": 0.0}
+    print(f"search: {len(search.space)} candidates, {int(search.sizes.sum()):,} parameters; budget {budget:,}; "
+          f"{len(halves[0])} + {len(halves[1])} examples, {total} steps")
+    if saved is not None:
+        if saved["split"] != split:  # a function of the seed and the examples, both checked: never expected
+            raise UserError(f"cannot --resume {path}: its 50/50 split of the training examples is not this run's")
+        with torch.no_grad():
+            for p, t in zip(weights, saved["weights"]):
+                p.copy_(t)
+        w_optimizer.load_state_dict(saved["w_optimizer"])
+        search.load_state_dict(saved["search"])
+        state = saved["state"]
+        runs.cut_log(log_path, saved["log_bytes"])
+        print(f"search: resumed at step {state['step']}")
+
+    def batch(half, step):  # the half's batch of this step: its shuffle is a function of (seed, half, epoch)
+        epoch, index = divmod(step, per_epoch[half])
+        order = torch.randperm(len(halves[half]), generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + 2 * epoch + half)).tolist()
+        return [halves[half][i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+    def grads(examples, tensors):  # (loss, its gradients with respect to tensors), over micro-batches
+        n_targets, loss, summed = sum(len(t) for _, t in examples), 0.0, [torch.zeros_like(t) for t in tensors]
+        for micro in micro_batches(examples, args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro, tokenizer.pad_id, device)
+            with autocast:
+                part = answer_loss(model, tokens, targets, prompt_len) / n_targets
+            # retain_graph: the gates' graph (alphas -> z) serves every micro-batch
+            for s, g in zip(summed, torch.autograd.grad(part, tensors, retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    s += g
+            loss += part.item()
+        return loss, summed
+
+    log, last_ckpt = open(log_path, "ab"), time.time()
+    structure = None
+    while structure is None:
+        t, t0 = state["step"], time.time()
+        model.train()
+        lr_w, lr_alpha = lr_at(t, lr_of(args), 0, total), lr_at(t, ALPHA_LR, 0, total)  # linear decay, no warmup
+        loss = search.step(weights, w_optimizer, grads, batch(0, t), batch(1, t), lr_w, lr_alpha)
+        state["step"], state["time"] = state["step"] + 1, state["time"] + time.time() - t0
+        records = [{"step": t + 1, "loss": loss, "lr": lr_w, "alpha_lr": lr_alpha, "shift": search.b,
+                    "expected_params": search.expected_size}]
+        evaluated = state["step"] % args.eval_interval == 0 or state["step"] >= total
+        if evaluated:  # the supernet with z = p on dev: the lowest loss keeps its alphas
+            with torch.no_grad():
+                search.sample()
+            total_loss = target_loss(model, dev, args.micro_batch_size, tokenizer.pad_id, device, autocast)
+            dev_loss = (total_loss[0] / total_loss[1]).item()
+            if dev_loss < state["best_loss"]:
+                state["best_loss"], state["best_alpha"] = dev_loss, search.alpha.detach().cpu().clone()
+            records.append({"step": t + 1, "dev_loss": dev_loss, "best_dev_loss": state["best_loss"]})
+            print(f"search step {t + 1}: dev loss {dev_loss:.4f}" + " (best)" * (dev_loss == state["best_loss"]))
+        if state["step"] >= total:
+            structure = derive(search.space, state["best_alpha"], budget)
+        for record in records:
+            log.write((json.dumps(record) + "\n").encode())
+        log.flush()
+        if evaluated or structure or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
+            saved = {"weights": [p.detach().cpu() for p in weights], "w_optimizer": w_optimizer.state_dict(),
+                     "search": search.state_dict(), "state": state, "split": split, "structure": structure,
+                     "log_bytes": log.tell(), "settings": settings, "inputs": inputs}
+            atomic_write(path, lambda tmp: torch.save(saved, tmp))
+            last_ckpt = time.time()
+    log.close()
+    size = sum(c.size for c in search.space if c.name in set(structure))
+    print(f"search: done, {len(structure)} candidates, {size:,} parameters (budget {budget:,})")
+    adapters.remove_adapter(model)
+    return structure, search_summary(state, structure)
+
+
+def search_summary(state, structure):
+    return {"search_steps": state["step"], "search_time_s": round(state["time"], 1),
+            "search_best_dev_loss": state["best_loss"], "searched_candidates": len(structure)}
