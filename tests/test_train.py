@@ -506,6 +506,25 @@ def test_fsdp_over_two_processes_trains_the_adapter_of_one_process_and_of_ddp(me
     assert results["fsdp"]["test"] == one["test"]  # every process generated every batch, in step
 
 
+def test_fsdp_on_a_tiny_gemma3_trains_ddps_adapter_bit_for_bit(tmp_path):
+    # Gemma 3 from an HF folder: tied embeddings, wq and wk read through RoPE's row permutation, QK-norm, local layers
+    from test_gemma import hf_model, word_tokenizer
+
+    model = tmp_path / "gemma3"
+    hf_model(3).save_pretrained(model)
+    word_tokenizer(model)
+    words = lambda n, seed: [{"prompt": " ".join(f"w{random.Random(seed * 100 + i).randrange(4, 40)}" for _ in range(3)),
+                              "target": " w5" if i % 2 else " w6"} for i in range(n)]
+    task = write_task(tmp_path / "task", {"train": words(21, 0), "dev": words(7, 1), "test": words(5, 2)})
+    common = ("--batch_size", 8, "--micro_batch_size", 2, "--epochs", 1, "--eval_interval", 3, "--device", "cpu",
+              "--eval_splits", "none")
+    torchrun(flags(task, model, tmp_path / "fsdp", "para", *common, "--fsdp"))
+    torchrun(flags(task, model, tmp_path / "ddp", "para", *common))
+    fsdp, ddp = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["adapter"] for d in ("fsdp", "ddp"))
+    assert fsdp.keys() == ddp.keys() and all(torch.equal(fsdp[k], ddp[k]) for k in fsdp)
+    assert any(not torch.equal(t, torch.ones_like(t)) for k, t in fsdp.items() if k.endswith("bias"))  # it trained
+
+
 def test_an_fsdp_run_killed_and_resumed_ends_bit_equal_to_one_never_killed(two_shard_model, tmp_path):
     task = write_task(tmp_path / "task", {"train": task_records(21, 0), "dev": task_records(7, 1),
                                           "test": task_records(5, 2)})
