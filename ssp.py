@@ -433,68 +433,29 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
     its run's flags and data, and this loop uses train.py's pieces: the loss, the micro-batches, the schedule."""
     # here, not at the top: train.py and adapters.py import this file
     import adapters
-    import runs
-    from data import atomic_write
     from loaders import torch_load
-    from train import adapter_settings, answer_loss, collate, lr_at, lr_of, micro_batches, spelled_out, target_loss
+    from train import check_same_run, lr_at, lr_of, target_loss
 
     path, log_path = out_dir / "search.pt", out_dir / "search.jsonl"
     saved = torch_load(path) if path.exists() else None  # claim_out_dir kept it only under --resume
     if saved is not None:
-        then, now = spelled_out(saved["settings"]), spelled_out(settings)
-        if then != now:
-            raise UserError(f"cannot --resume {out_dir}: its search used other settings, (then, now): "
-                            f"{ {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v} }")
-        runs.check_inputs(saved.get("inputs"), inputs, path)
+        check_same_run(saved, settings, inputs, path)
         if saved["structure"] is not None:
             print(f"search: done, {len(saved['structure'])} candidates chosen ({path})")
             return saved["structure"], search_summary(saved["state"], saved["structure"])
     if len(train) < 2:
         raise UserError("SSP's search splits the training examples in two halves: it needs at least 2")
-    adapters.add_adapter(model, args.method, **adapter_settings(args, model))  # the supernet: every candidate, gated
-    adapters.mark_only_adapter_as_trainable(model)
-    model.grad_checkpointing = args.grad_checkpointing
-    weights = [p for p in model.parameters() if p.requires_grad]
-    w_optimizer = torch.optim.AdamW(weights, lr=lr_of(args), weight_decay=0.0)  # S3Delta's: no weight decay
-    budget = model.adapter_config["budget"]
-    search = Search(model, budget, seed)
+    weights, w_optimizer, search = supernet(args, model, seed)
+    budget = search.budget
     split = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     halves = ([train[i] for i in split[:len(train) // 2]], [train[i] for i in split[len(train) // 2:]])
-    per_epoch = [math.ceil(len(h) / batch_size) for h in halves]
-    total = min(args.epochs * per_epoch[0], args.max_steps or math.inf)
+    total = min(args.epochs * math.ceil(len(halves[0]) / batch_size), args.max_steps or math.inf)
     state = {"step": 0, "best_loss": math.inf, "best_alpha": search.alpha.detach().cpu().clone(), "time": 0.0}
     print(f"search: {len(search.space)} candidates, {int(search.sizes.sum()):,} parameters; budget {budget:,}; "
           f"{len(halves[0])} + {len(halves[1])} examples, {total} steps")
     if saved is not None:
-        if saved["split"] != split:  # a function of the seed and the examples, both checked: never expected
-            raise UserError(f"cannot --resume {path}: its 50/50 split of the training examples is not this run's")
-        with torch.no_grad():
-            for p, t in zip(weights, saved["weights"]):
-                p.copy_(t)
-        w_optimizer.load_state_dict(saved["w_optimizer"])
-        search.load_state_dict(saved["search"])
-        state = saved["state"]
-        runs.cut_log(log_path, saved["log_bytes"])
-        print(f"search: resumed at step {state['step']}")
-
-    def batch(half, step):  # the half's batch of this step: its shuffle is a function of (seed, half, epoch)
-        epoch, index = divmod(step, per_epoch[half])
-        order = torch.randperm(len(halves[half]), generator=torch.Generator().manual_seed(
-            seed * 1_000_003 + 2 * epoch + half)).tolist()
-        return [halves[half][i] for i in order[index * batch_size:(index + 1) * batch_size]]
-
-    def grads(examples, tensors):  # (loss, its gradients with respect to tensors), over micro-batches
-        n_targets, loss, summed = sum(len(t) for _, t in examples), 0.0, [torch.zeros_like(t) for t in tensors]
-        for micro in micro_batches(examples, args.micro_batch_size):
-            tokens, targets, prompt_len = collate(micro, tokenizer.pad_id, device)
-            with autocast:
-                part = answer_loss(model, tokens, targets, prompt_len) / n_targets
-            # retain_graph: the gates' graph (alphas -> z) serves every micro-batch
-            for s, g in zip(summed, torch.autograd.grad(part, tensors, retain_graph=True, allow_unused=True)):
-                if g is not None:
-                    s += g
-            loss += part.item()
-        return loss, summed
+        state = restore_search(saved, split, weights, w_optimizer, search, log_path)
+    grads = micro_batch_grads(args, model, tokenizer, autocast, device)
 
     log, last_ckpt = open(log_path, "ab"), time.time()
     structure = None
@@ -502,7 +463,8 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
         t, t0 = state["step"], time.time()
         model.train()
         lr_w, lr_alpha = lr_at(t, lr_of(args), 0, total), lr_at(t, ALPHA_LR, 0, total)  # linear decay, no warmup
-        loss = search.step(weights, w_optimizer, grads, batch(0, t), batch(1, t), lr_w, lr_alpha)
+        loss = search.step(weights, w_optimizer, grads, half_batch(halves, 0, t, seed, batch_size),
+                           half_batch(halves, 1, t, seed, batch_size), lr_w, lr_alpha)
         state["step"], state["time"] = state["step"] + 1, state["time"] + time.time() - t0
         records = [{"step": t + 1, "loss": loss, "lr": lr_w, "alpha_lr": lr_alpha, "shift": search.b,
                     "expected_params": search.expected_size}]
@@ -518,20 +480,88 @@ def search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_d
             print(f"search step {t + 1}: dev loss {dev_loss:.4f}" + " (best)" * (dev_loss == state["best_loss"]))
         if state["step"] >= total:
             structure = derive(search.space, state["best_alpha"], budget)
-        for record in records:
-            log.write((json.dumps(record) + "\n").encode())
+        log.write(b"".join((json.dumps(record) + "\n").encode() for record in records))
         log.flush()
         if evaluated or structure or time.time() - last_ckpt >= 60 * args.ckpt_minutes:
-            saved = {"weights": [p.detach().cpu() for p in weights], "w_optimizer": w_optimizer.state_dict(),
-                     "search": search.state_dict(), "state": state, "split": split, "structure": structure,
-                     "log_bytes": log.tell(), "settings": settings, "inputs": inputs}
-            atomic_write(path, lambda tmp: torch.save(saved, tmp))
+            save_search(path, weights, w_optimizer, search, state, split, structure, log.tell(), settings, inputs)
             last_ckpt = time.time()
     log.close()
     size = sum(c.size for c in search.space if c.name in set(structure))
     print(f"search: done, {len(structure)} candidates, {size:,} parameters (budget {budget:,})")
     adapters.remove_adapter(model)
     return structure, search_summary(state, structure)
+
+
+def supernet(args, model, seed):
+    """Every candidate of the space on the model, gated: (their tensors, AdamW over them, the Search of their
+    gates)."""
+    import adapters
+    from train import adapter_settings, lr_of
+
+    adapters.add_adapter(model, args.method, **adapter_settings(args, model))
+    adapters.mark_only_adapter_as_trainable(model)
+    model.grad_checkpointing = args.grad_checkpointing
+    weights = [p for p in model.parameters() if p.requires_grad]
+    w_optimizer = torch.optim.AdamW(weights, lr=lr_of(args), weight_decay=0.0)  # S3Delta's: no weight decay
+    return weights, w_optimizer, Search(model, model.adapter_config["budget"], seed)
+
+
+def half_batch(halves, half, step, seed, batch_size):
+    """The batch of `step` from one half of the training examples: its shuffle is a function of (seed, half, epoch),
+    so the step number is the data position, as in train.py."""
+    epoch, index = divmod(step, math.ceil(len(halves[half]) / batch_size))
+    order = torch.randperm(len(halves[half]), generator=torch.Generator().manual_seed(
+        seed * 1_000_003 + 2 * epoch + half)).tolist()
+    return [halves[half][i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def micro_batch_grads(args, model, tokenizer, autocast, device):
+    """grads(examples, tensors) -> (loss, its gradients with respect to tensors), summed over micro-batches of
+    train.py's loss: what Search.step calls for each of its passes."""
+    from train import answer_loss, collate, micro_batches
+
+    def grads(examples, tensors):
+        n_targets, loss, summed = sum(len(t) for _, t in examples), 0.0, [torch.zeros_like(t) for t in tensors]
+        for micro in micro_batches(examples, args.micro_batch_size):
+            tokens, targets, prompt_len = collate(micro, tokenizer.pad_id, device)
+            with autocast:
+                part = answer_loss(model, tokens, targets, prompt_len) / n_targets
+            # retain_graph: the gates' graph (alphas -> z) serves every micro-batch
+            for s, g in zip(summed, torch.autograd.grad(part, tensors, retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    s += g
+            loss += part.item()
+        return loss, summed
+
+    return grads
+
+
+def save_search(path, weights, w_optimizer, search, state, split, structure, log_bytes, settings, inputs):
+    """search.pt, atomically: everything --resume needs to continue the search exactly (or, with the structure, to
+    skip it)."""
+    from data import atomic_write
+
+    saved = {"weights": [p.detach().cpu() for p in weights], "w_optimizer": w_optimizer.state_dict(),
+             "search": search.state_dict(), "state": state, "split": split, "structure": structure,
+             "log_bytes": log_bytes, "settings": settings, "inputs": inputs}
+    atomic_write(path, lambda tmp: torch.save(saved, tmp))
+
+
+def restore_search(saved, split, weights, w_optimizer, search, log_path):
+    """The search as search.pt holds it; search.jsonl cut back to what it had logged. Returns the loop's state."""
+    import runs
+
+    if saved["split"] != split:  # a function of the seed and the examples, both checked: never expected
+        raise UserError(f"cannot --resume {log_path.parent / 'search.pt'}: its 50/50 split of the training examples "
+                        "is not this run's")
+    with torch.no_grad():
+        for p, t in zip(weights, saved["weights"]):
+            p.copy_(t)
+    w_optimizer.load_state_dict(saved["w_optimizer"])
+    search.load_state_dict(saved["search"])
+    runs.cut_log(log_path, saved["log_bytes"])
+    print(f"search: resumed at step {saved['state']['step']}")
+    return saved["state"]
 
 
 def search_summary(state, structure):

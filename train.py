@@ -411,10 +411,7 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     settings = run_settings(args, seed, where)
     inputs = runs.fingerprint(folder, args.ckpt_dir or default_model_path())
     ckpt, held_lock = claim_out_dir(args, out_dir, settings, inputs, where)  # the lock is held until we return
-    finished = {}  # a finished run's results: --resume scores only the splits it has not
-    if args.resume and (out_dir / "results.json").exists():
-        finished = {"eval_splits": ["dev", "test"]} | json.loads((out_dir / "results.json").read_text())
-    to_score = [s for s in args.eval_splits if s not in finished.get("eval_splits", [])]
+    finished, to_score = finished_run(args, out_dir)
     if finished and not to_score:
         if where.master:
             print(f"{out_dir} is finished: its results.json is kept (--overwrite to run it again)")
@@ -423,25 +420,15 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
     torch.manual_seed(seed)  # the adapter's initialisation
     dtype = resolve_dtype(args.dtype, device)
     full = bool(method_of(args) and method_of(args).full)
-    if where.fsdp:  # the adapter joins the model before it is sharded (fsdp.py)
-        model, tokenizer = fsdp.load_sharded(args.ckpt_dir, device, dtype, where.world,
-                                             lambda m: attach_adapter(args, m))
-    else:  # weights that train are fp32, as an adapter is: AdamW's steps of 2e-5 would mostly round away in bf16
-        model, tokenizer = load(args.ckpt_dir, device=device, dtype=torch.float32 if full else dtype)
+    model, tokenizer = load_model(args, device, dtype, where)
     autocast = autocast_for(device, dtype)  # bf16 weights: bf16 autocast, fp32 adapter
     splits, train, dev, prompts, max_new_tokens, n_truncated = load_data(args, folder, tokenizer, model, where)
     batch_size = args.batch_size or (16 if len(train) < 10_000 else 128)  # the paper's rule
     structure, searched = None, {}
     if searching(args):  # SSP: the search stage first, then the chosen structure is retrained, fresh
-        try:
-            structure, searched = ssp.search_structure(args, model, tokenizer, train, dev, seed, batch_size,
-                                                       out_dir, settings, inputs, autocast, device)
-        except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, not a traceback
-            command = shlex.join(["python", *sys.argv] + ["--resume"] * ("--resume" not in sys.argv))
-            raise UserError(f"interrupted in SSP's search: {out_dir / 'search.pt'} holds its last checkpoint. "
-                            f"Continue with: {command}") from None
-        torch.manual_seed(seed)  # the retrain's initialisation is the same whether the search ran now or before
-    if not where.fsdp:
+        structure, searched = search_first(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings,
+                                           inputs, autocast, device)
+    if not where.fsdp:  # (under FSDP the adapter joined the model before it was sharded)
         attach_adapter(args, model, structure)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -477,6 +464,38 @@ def train_and_evaluate(args, seed, folder, out_dir, device, where):
         write_json(out_dir / "results.json", results)
         print(f"dev {results['dev']}  test {results['test']}  ({out_dir})")
     return results
+
+
+def finished_run(args, out_dir):
+    """(a finished run's results, or {}; the splits left to score): --resume scores only the splits it has not."""
+    finished = {}
+    if args.resume and (out_dir / "results.json").exists():
+        finished = {"eval_splits": ["dev", "test"]} | json.loads((out_dir / "results.json").read_text())
+    return finished, [s for s in args.eval_splits if s not in finished.get("eval_splits", [])]
+
+
+def load_model(args, device, dtype, where):
+    """(model, tokenizer) of --ckpt_dir: whole, or under FSDP this process's shard with the adapter already on it
+    (fsdp.py attaches it before sharding). Weights that train are fp32, as an adapter is: full fine-tuning's AdamW
+    steps of 2e-5 would mostly round away in bf16."""
+    if where.fsdp:
+        return fsdp.load_sharded(args.ckpt_dir, device, dtype, where.world, lambda m: attach_adapter(args, m))
+    full = method_of(args) and method_of(args).full
+    return load(args.ckpt_dir, device=device, dtype=torch.float32 if full else dtype)
+
+
+def search_first(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings, inputs, autocast, device):
+    """SSP's search stage (ssp.search_structure): the structure to retrain and what results.json says of the
+    search. The seed is set again after it, so that the retrain starts alike whether the search ran now or before."""
+    try:
+        found = ssp.search_structure(args, model, tokenizer, train, dev, seed, batch_size, out_dir, settings, inputs,
+                                     autocast, device)
+    except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, not a traceback
+        command = shlex.join(["python", *sys.argv] + ["--resume"] * ("--resume" not in sys.argv))
+        raise UserError(f"interrupted in SSP's search: {out_dir / 'search.pt'} holds its last checkpoint. "
+                        f"Continue with: {command}") from None
+    torch.manual_seed(seed)
+    return found
 
 
 def full_ft_memory(n_weights, device, dtype, world):
@@ -537,11 +556,7 @@ def claim_out_dir(args, out_dir, settings, inputs, where):
         if not isinstance(ckpt, dict) or "settings" not in ckpt:
             raise UserError(f"{out_dir / 'ckpt.pt'} is not a training checkpoint of train.py: remove it, or pass "
                             "--overwrite to start afresh")
-        then, now = spelled_out(ckpt["settings"]), spelled_out(settings)
-        changed = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
-        if changed:
-            raise UserError(f"cannot --resume {out_dir}: its run used other settings, (then, now): {changed}")
-        runs.check_inputs(ckpt.get("inputs"), inputs, out_dir / "ckpt.pt")
+        check_same_run(ckpt, settings, inputs, out_dir / "ckpt.pt")
     if where.master:
         fresh = ckpt is None and not (args.resume and (out_dir / "results.json").exists())
         searched = fresh and args.resume and (out_dir / "search.pt").exists()  # SSP's search goes on, or is done
@@ -549,6 +564,16 @@ def claim_out_dir(args, out_dir, settings, inputs, where):
             print(f"--resume: {out_dir} has no ckpt.pt (killed before its first checkpoint): starting afresh")
         runs.clean_up(out_dir, fresh, keep=runs.SEARCH_FILES if searched else ())
     return ckpt, held
+
+
+def check_same_run(saved, settings, inputs, path):
+    """--resume continues a checkpoint (ckpt.pt, SSP's search.pt) only with its run's settings and inputs."""
+    then, now = spelled_out(saved["settings"]), spelled_out(settings)
+    changed = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    if changed:
+        raise UserError(f"cannot --resume {path.parent}: {path.name} was made with other settings, (then, now): "
+                        f"{changed}")
+    runs.check_inputs(saved.get("inputs"), inputs, path)
 
 
 def spelled_out(settings):
