@@ -240,4 +240,6 @@ def test_the_plan_agrees_with_a_measured_training_step_of_the_small_model():
         # the tensors alone: the allocator's peak over the step, against the activations and the adapter's gradients
         # (the step's tensors; the weights, the adapter and AdamW's moments were there before it)
         tensors = m[f"tensor_peak_{ckpt}"]
-        assert abs((r["activations"][ckpt] + grads) / tensors - 1) < 0.05, (ckpt, r["activations"][ckpt], tensors)
+        # measured within 512 bytes (no checkpointing) and 0.22% (checkpointing): 2% leaves room for another CPU's
+        # kernels' temporaries, and still catches a saved tensor missed or counted twice
+        assert abs((r["activations"][ckpt] + grads) / tensors - 1) < 0.02, (ckpt, r["activations"][ckpt], tensors)
