@@ -9,7 +9,7 @@ An OpenAI-compatible API (POST /v1/completions and /v1/chat/completions, GET /v1
 "model" names an adapter, or the base model. There is no authentication: keep the server on 127.0.0.1, or behind a
 proxy that authenticates.
 
-Four pieces, and the data flows one way through them (nano-vllm's shape):
+Five pieces, and the data flows one way through them (nano-vllm's shape):
 - Request: one completion, with its options, its own sampler, and a queue its HTTP thread reads events from. It
   moves from waiting to running to finished.
 - Engine.admit, the scheduler: first in, first out, the waiting request at the head joins the running batch as soon
@@ -24,6 +24,7 @@ Four pieces, and the data flows one way through them (nano-vllm's shape):
   as soon as they finish.
 - Engine.step, the iteration: one decode step for every running row, then each row samples its next token with its
   own options. PARA only multiplies by the vectors each row's prefill stored: its vector generator never runs here.
+- Bank: the tenants' adapters, a bank per method and config (mixed.py), so that every method shares the batch.
 The HTTP layer (Handler) is thin: it checks a request, queues it, and writes back what the engine sends.
 """
 import argparse
@@ -46,11 +47,12 @@ import torch
 
 import adapters
 import generate
+import mixed
 from errors import UserError
 from generate import KVCache, Options, cut_at_stop, sample, shown, stop_at
 from loaders import DTYPES, default_model_path, load, model_name, pick_device, resolve_dtype
 
-BASE = 0  # the bank's row 0 is a fresh adapter, the identity: requests for the base model use it
+BASE = (0, 0)  # row 0 of every group's bank is a fresh adapter, the identity: requests for the base model use it
 
 # -----------------------------------------------------------------------------
 # A request, from waiting to running to finished
@@ -61,7 +63,7 @@ class Request:
     prompt: list  # token ids
     options: Options  # max_new_tokens, temperature, top_p, seed, stop, eos_id
     model: str  # the name the client asked for: an adapter's, or the base model's
-    adapter: Optional[int] = BASE  # its row of the adapter bank; None: an --adapter_dir one, loaded on admission
+    adapter: Optional[tuple] = BASE  # its (group, row) in the banks; None: an --adapter_dir one, loaded on admission
     chat: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -216,8 +218,13 @@ class Engine:
                     self.waiting.popleft()
                     continue
                 if request.adapter is None:  # a named adapter not in the bank yet (--adapter_dir)
-                    if not self.bank.load(request.model, self.in_use() | {r.model for r in group}):
-                        break  # every row of the bank serves a request: wait for one to finish
+                    try:
+                        loaded = self.bank.load(request.model, self.in_use() | {r.model for r in group})
+                    except UserError as e:  # its file went bad since start-up: this request fails, no other
+                        self.waiting.popleft().events.put(("error", str(e)))
+                        continue
+                    if not loaded:
+                        break  # every row of its group's bank serves a request: wait for one to finish
                     request.adapter = self.bank.rows[request.model]
                 tokens = (len(group) + 1) * max(len(r.prompt) for r in group + [request])
                 if group and tokens > self.prefill_tokens and not self.static:
@@ -249,7 +256,8 @@ class Engine:
         tokens, pad_len = generate.left_pad([r.prompt for r in group], self.tokenizer.pad_id, device)
         cache = KVCache(a.n_layers, len(group), tokens.shape[1], a.n_kv_heads, a.head_dim, device,
                         generate.cache_dtype(self.model), pad_len=pad_len,
-                        adapter_ids=torch.tensor([r.adapter for r in group], device=device))
+                        adapter_ids=torch.tensor([self.bank.ids(r.adapter) for r in group], dtype=torch.long,
+                                                 device=device))  # (G, groups)
         logits = generate.prefill(self.model, tokens, cache)  # (G, vocab)
         for r in group:
             if r.options.seed is not None:
@@ -311,66 +319,78 @@ class Engine:
 
 
 # -----------------------------------------------------------------------------
-# The adapters: one bank, row 0 the base model, named adapters pinned, --adapter_dir's loaded on first use
+# The adapters: a bank per method and config (mixed.py), row 0 the base model, named adapters pinned, --adapter_dir's
+# loaded on first use
 
 
 class Bank:
     def __init__(self, model, named, adapter_dir=None, max_adapters=8, base=None, any_base=False):
         """named: {name: path}, loaded now and kept; adapter_dir: NAME.pt files loaded on first use, at most
-        max_adapters at a time, the least recently used (and unused) evicted."""
+        max_adapters at a time of each method and config, the least recently used (and unused) evicted.
+
+        The adapters form groups, one per method and config (mixed.py): a bank each, whose row 0 is the identity.
+        A tenant is (group, row); the base model is (0, 0), every group's identity. Every file is read now, the
+        folder's too, so that a bad one is named before the server listens and every group is known."""
         self.model, self.dir, self.base, self.any_base = model, adapter_dir, base, any_base
-        files = dict(named)
-        if adapter_dir and not files:  # the bank's method and config come from the first file
-            first = next(iter(sorted(Path(adapter_dir).glob("*.pt"))), None)
-            if first is None:
-                raise UserError(f"--adapter_dir {adapter_dir} holds no NAME.pt adapter file")
-            files[first.stem] = str(first)
         self.named, self.pinned = list(named), set(named)
-        n_rows = 1 + len(named) + (max_adapters if adapter_dir else 0)
-        self.rows, self.used = {}, collections.OrderedDict()  # name -> bank row; name -> None, oldest first
-        self.free = list(range(1 + len(named), n_rows))
-        if not files:
-            return  # the base model alone
-        payloads = {name: adapters.read_adapter_file(path) for name, path in files.items()}
-        self.config = next(iter(payloads.values()))["config"]
-        # a method with a union (SSP: tenants of different structures) serves the union of its tenants' configs
-        self.union = adapters.METHODS[self.config["method"]].union
-        if self.union and all(p["config"]["method"] == self.config["method"] for p in payloads.values()):
-            self.config = self.union([p["config"] for p in payloads.values()])
-        for name, p in payloads.items():
-            if not self.fits(p["config"]):
-                raise UserError(f"adapter {name!r} is a {p['config']} adapter, {next(iter(payloads))!r} a "
-                                f"{self.config} one: one server serves one method and config (one bank)")
-        settings = dict(self.config)
-        adapters.add_adapter(model, settings.pop("method"), n_adapters=n_rows, **settings)  # each the identity
-        if self.union:  # a union's rows are zeros where a tenant has nothing (a fresh SSP low-rank adapter is random)
-            with torch.no_grad():
-                for t in adapters.adapter_state_dict(model).values():
-                    t.zero_()
-        for row, name in enumerate(named, start=1):
-            self.fill(row, files[name], payloads[name])
-            self.rows[name] = row
+        found = {p.stem: str(p) for p in sorted(Path(adapter_dir).glob("*.pt"))} if adapter_dir else {}
+        if adapter_dir and not found:
+            raise UserError(f"--adapter_dir {adapter_dir} holds no NAME.pt adapter file")
+        payloads = {name: adapters.read_adapter_file(path) for name, path in {**found, **named}.items()}
+        # a method with a union (SSP: tenants of different structures) is one group, the union of their configs
+        groups = {}  # a group's key -> the configs of its files
+        for p in payloads.values():
+            groups.setdefault(self.key(p["config"]), []).append(p["config"])
+        self.configs = []  # each group's config
+        for configs in groups.values():
+            union = adapters.METHODS[configs[0]["method"]].union
+            self.configs.append(union(configs) if union else configs[0])
+        self.rows, self.used = {}, collections.OrderedDict()  # name -> (group, row); name -> None, oldest first
+        self.tensors, self.free = [], []  # each group's bank tensors by name, and its free rows
+        for g, config in enumerate(self.configs):
+            mine = [name for name in named if self.group(payloads[name]["config"]) == g]
+            folder = any(self.group(payloads[name]["config"]) == g for name in found if name not in self.pinned)
+            n_rows = 1 + len(mine) + (max_adapters if folder else 0)
+            self.tensors.append(mixed.add_group(model, config, n_rows))
+            if adapters.METHODS[config["method"]].union:  # zeros where a tenant has nothing (a fresh SSP low-rank
+                with torch.no_grad():  # adapter is random): row 0 too, the identity
+                    for t in self.tensors[g].values():
+                        t.zero_()
+            self.free.append(list(range(1 + len(mine), n_rows)))
+            for row, name in enumerate(mine, start=1):
+                self.fill(g, row, named[name], payloads[name])
+                self.rows[name] = (g, row)
 
-    def fill(self, row, path, payload=None):
-        """Adapter file `path` into bank row `row`, checked against this bank and this base model."""
+    @staticmethod
+    def key(config):
+        return config["method"] if adapters.METHODS[config["method"]].union else json.dumps(config, sort_keys=True)
+
+    def group(self, config):
+        """The group that holds adapters of this config: its own, or (a union) one the union covers; None if none."""
+        for g, mine in enumerate(self.configs):
+            union = adapters.METHODS[mine["method"]].union
+            if config == mine or union and config["method"] == mine["method"] and union([mine, config]) == mine:
+                return g
+        return None
+
+    def ids(self, adapter):
+        """A tenant (group, row) as each group's row: (G,), its row in its own group, the identity elsewhere."""
+        g, row = adapter
+        return [row if i == g else 0 for i in range(len(self.configs))]
+
+    def fill(self, g, row, path, payload=None):
+        """Adapter file `path` into row `row` of group g's bank, checked against it and this base model."""
         payload = payload or adapters.read_adapter_file(path)
-        if not self.fits(payload["config"]):
-            raise UserError(f"{path} is a {payload['config']} adapter; this server's bank holds {self.config}")
+        if self.group(payload["config"]) != g:
+            raise UserError(f"{path} is a {payload['config']} adapter, which this server's banks do not hold "
+                            f"({', '.join(map(str, self.configs))}): restart the server to serve it")
         adapters.check_adapter_file(path, payload, self.model.args, self.base, self.any_base)
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for k in adapters.adapter_state_dict(self.model):
+            for k, t in self.tensors[g].items():
                 if k in payload["tensors"]:
-                    params[k][row].copy_(payload["tensors"][k])
+                    t[row].copy_(payload["tensors"][k])
                 else:  # a union's tensor this tenant lacks: zeros, which add nothing (and clear an evicted tenant's)
-                    params[k][row].zero_()
-
-    def fits(self, config):
-        """Whether the bank can hold an adapter of this config: its own, or (a union) one the union covers."""
-        if config == self.config:
-            return True
-        return bool(self.union) and config.get("method") == self.config["method"] and \
-            self.union([self.config, config]) == self.config
+                    t[row].zero_()
 
     def names(self):
         """Every adapter this server can serve: the named ones, and --adapter_dir's files."""
@@ -381,22 +401,28 @@ class Bank:
         return name in self.rows or bool(self.dir and (Path(self.dir) / f"{name}.pt").is_file())
 
     def load(self, name, in_use):
-        """Put adapter `name` in a row (already there, a free row, or the least recently used row no request
-        uses). Returns False when every row serves a request."""
+        """Put adapter `name` in a row of its group (already there, a free row, or the least recently used row of
+        the group that no request uses). Returns False when every row of its group serves a request."""
         if name in self.rows:
             self.used.pop(name, None)
             if name not in self.pinned:
                 self.used[name] = None
             return True
-        if not self.free:
-            idle = next((n for n in self.used if n not in in_use), None)
+        path = Path(self.dir) / f"{name}.pt"
+        payload = adapters.read_adapter_file(path)
+        g = self.group(payload["config"])
+        if g is None:
+            raise UserError(f"{path} is a {payload['config']} adapter, which this server's banks do not hold "
+                            f"({', '.join(map(str, self.configs))}): restart the server to serve it")
+        if not self.free[g]:
+            idle = next((n for n in self.used if n not in in_use and self.rows[n][0] == g), None)
             if idle is None:
                 return False
-            self.free.append(self.rows.pop(idle))
+            self.free[g].append(self.rows.pop(idle)[1])
             del self.used[idle]
-        row = self.free.pop()
-        self.fill(row, Path(self.dir) / f"{name}.pt")
-        self.rows[name], self.used[name] = row, None
+        row = self.free[g].pop()
+        self.fill(g, row, path, payload)
+        self.rows[name], self.used[name] = (g, row), None
         return True
 
 
@@ -622,9 +648,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     arg = p.add_argument
     arg("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter file, served as model NAME; "
-        "repeatable (one method and config for all: they share one bank)")
+        "repeatable; adapters of any methods share the batch")
     arg("--adapter_dir", help="a folder of NAME.pt adapter files, each loaded when first asked for")
-    arg("--max_adapters", type=int, default=8, help="adapters of --adapter_dir held at once; the least recently used "
+    arg("--max_adapters", type=int, default=8, help="adapters of --adapter_dir held at once, of each method and config; the least recently used "
         "one that no request uses makes room")
     arg("--ckpt_dir", help="Meta folder, HF folder or .gguf file (default: the small SmolLM2 model)")
     arg("--any_base", action="store_true", help="serve adapters trained on other weights of the same shape")

@@ -243,3 +243,42 @@ def test_chat_uses_gemmas_turns(real):
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
     assert tokenizer.encode("<start_of_turn>", bos=False) == [105]  # one control token, never split into pieces
+
+
+def test_tenants_of_several_methods_share_one_batch_on_gemma(pair, tmp_path):
+    """serve.py's groups (mixed.py) on Gemma's block: each row gets, bit for bit, the logits of a bank of its own
+    method (adapters.py, which the server used before it mixed methods), at the prefill and at a decode step."""
+    import copy
+
+    import generate
+    import serve
+    _, base, _ = pair
+    files = {}
+    for i, (method, settings) in enumerate([("para", {"r": 4}), ("lora", {"r": 4}), ("houlsby", {"size": 4}),
+                                            ("ia3", {})]):
+        model = adapters.add_adapter(copy.deepcopy(base), method, **settings)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if adapters.is_adapter_param(name):
+                    p.add_(torch.randn_like(p) * 0.3)
+        files[method] = str(tmp_path / f"{method}.pt")
+        adapters.save_adapter(model, files[method])
+    rows = [*files, None]  # the last row: the base model
+    tokens = TOKENS[:1].repeat(len(rows), 1)
+
+    def two_steps(model, adapter_ids):
+        cache = generate.KVCache(base.args.n_layers, len(rows), 16, base.args.n_kv_heads, base.args.head_dim,
+                                 adapter_ids=adapter_ids)
+        first = generate.prefill(model, tokens, cache)
+        return first, generate.decode_step(model, first.argmax(-1), tokens.shape[1], cache)
+
+    mixed = copy.deepcopy(base)
+    bank = serve.Bank(mixed, files)
+    with torch.no_grad():
+        first, second = two_steps(mixed, torch.tensor([bank.ids(bank.rows[m] if m else serve.BASE) for m in rows]))
+        for i, m in enumerate(rows[:-1]):
+            own = adapters.load_adapter(copy.deepcopy(base), [None, files[m]])  # row 0 the base, row 1 the tenant
+            expected = two_steps(own, torch.tensor([int(j == i) for j in range(len(rows))]))
+            assert torch.equal(first[i], expected[0][i]) and torch.equal(second[i], expected[1][i]), m
+            assert torch.equal(first[-1], expected[0][-1]) and torch.equal(second[-1], expected[1][-1])

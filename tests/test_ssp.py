@@ -300,13 +300,34 @@ def test_the_server_banks_ssp_tenants_of_different_structures_beside_the_base_mo
     alone = {"a": trained_tenant(a, 1, tmp_path / "a.pt"), "b": trained_tenant(b, 2, tmp_path / "b.pt")}
     model = wide_model()
     bank = serve.Bank(model, {"a": str(tmp_path / "a.pt"), "b": str(tmp_path / "b.pt")})
-    ids = torch.tensor([bank.rows["a"], bank.rows["b"], serve.BASE])
+    ids = torch.tensor([bank.ids(bank.rows["a"]), bank.ids(bank.rows["b"]), bank.ids(serve.BASE)])  # (3, groups)
     tokens = torch.cat([TOKENS, TOKENS[:1]])
     with torch.no_grad():
         rows = model(tokens, adapter_ids=ids)
         torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
         torch.testing.assert_close(rows[1], alone["b"](tokens[1:2])[0], **WIDE)
         torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)  # row 0: the base model
+
+
+def test_ssp_tenants_share_a_batch_with_a_para_tenant(tmp_path):
+    """Adapters of several methods in one batch (mixed.py): SSP's group adapts norms too, beside PARA's group."""
+    import serve
+
+    a, _ = two_structures()
+    alone = {"a": trained_tenant(a, 1, tmp_path / "a.pt")}
+    para_model = adapters.add_adapter(wide_model(), "para", r=4)
+    randomise_adapter(para_model, 3)
+    adapters.save_adapter(para_model, tmp_path / "p.pt")
+    model = wide_model()
+    bank = serve.Bank(model, {"a": str(tmp_path / "a.pt"), "p": str(tmp_path / "p.pt")})
+    assert len(bank.configs) == 2
+    ids = torch.tensor([bank.ids(bank.rows["a"]), bank.ids(bank.rows["p"]), bank.ids(serve.BASE)])
+    tokens = torch.cat([TOKENS, TOKENS[:1]])
+    with torch.no_grad():
+        rows = model(tokens, adapter_ids=ids, vectors={})
+        torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
+        torch.testing.assert_close(rows[1], para_model(tokens[1:2])[0], **WIDE)
+        torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""
+Adapters of different methods in one batch: serve.py's engine, when its tenants' adapters are not all of one method
+and config (say PARA, LoRA and Houlsby tenants, and some asking for the base model).
+
+adapters.py's bank holds n adapters of one method: each adapted projection is one class (LoRABank, ...) whose
+tensors are stacked (n, *shape). Here the model holds several such banks at once, one per group (a method and its
+config), and a projection may carry the parts of several groups: wv, say, LoRA's and (IA)^3's.
+
+    row b of the batch, adapter_ids[b] (G,): its row in each group's bank
+    y = x W^T                                       the loaded projection, once for every row
+    y = adapt_g(x, y, tensors_g[adapter_ids[:, g]])  for each group g with a part on this projection
+    q, v, u *= l_q, l_v, l_u                         for each PARA group, after its projection's parts
+
+Each group's row 0 is a fresh adapter, the identity: a row that is not the group's gets exactly y back (y * 1,
+y + 0, in any dtype), so each row computes its own method's equation and nothing else, as it would in a bank of its
+own (and as generate.py computes it alone). The price: every group's equation runs on every row; each is a few
+small matmuls or a multiply beside the projection's own matmul.
+
+Each group's bank is built as adapters.py builds one, on a copy of the model that shares its weights, then its
+parts are moved onto the model's own projections and norms.
+"""
+import copy
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+import adapters
+import para
+from errors import UserError
+from gemma import GemmaBlock
+from model import TransformerBlock
+
+
+class Mixed(adapters.Bank):
+    """A loaded projection (or norm) with the parts of several banks: its own output, then each group's equation
+    with each row's tensors. mixed_class makes the class of a given loaded module."""
+
+    parts: nn.ModuleList  # the bank layers of the groups with a part here, each with .group, its column of ids
+
+    def forward(self, x, adapter_ids):  # x (B, T, in); adapter_ids (B, G)
+        y = self.base_forward(x)
+        for part in self.parts:
+            y = part.adapt(x, y, *(adapters.per_row(t, adapter_ids[:, part.group]) for t in part.tensors()))
+        return y
+
+
+MIXED_CLASSES = {}
+
+
+def mixed_class(cls):
+    if cls not in MIXED_CLASSES:
+        MIXED_CLASSES[cls] = type(f"Mixed{cls.__name__}", (Mixed, cls), {"base_forward": cls.forward, "plain": cls})
+    return MIXED_CLASSES[cls]
+
+
+def prompt_vectors(block, a, start_pos, vectors, adapter_ids):
+    """Each PARA group's (l_q, l_v, l_u), each (B, 1, d), as para.PARABlock.prompt_vectors: computed from the
+    normed prompt state a (B, T, D) at the prefill (its last column: the prompts are left-padded), read back from
+    the generation's store at a decode step."""
+    out = []
+    for vg in block.vector_generators:
+        key = (block.attention.layer_id, vg.group)
+        if isinstance(start_pos, int) and start_pos == 0:
+            vectors[key] = vg(a[:, -1], adapter_ids[:, vg.group])
+        elif key not in vectors:
+            raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding, "
+                               "with the same store of vectors")
+        out.append(vectors[key])
+    return out
+
+
+class MixedBlock(TransformerBlock):
+    """model.py's block with every group's parts: adapters.BankBlock's projections, and PARA's scaling."""
+
+    vector_generators: nn.ModuleList  # the PARA groups' vector generators (banks), each with .group
+
+    def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None, vectors=None):
+        att, ffn, ids, project = self.attention, self.feed_forward, adapter_ids, adapters.project
+        a = project(self.attention_norm, x, ids)
+        ls = prompt_vectors(self, a, start_pos, vectors, ids)
+        q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
+        for l_q, l_v, _ in ls:  # Eq. 4, for each PARA group's rows (the others' vectors are 1)
+            q, v = para.scale(l_q, q), para.scale(l_v, v)
+        h = x + project(att.wo, att.attend(q, k, v, rot, mask, cache, start_pos), ids)
+        f = project(self.ffn_norm, h, ids)
+        u = project(ffn.w3, f, ids)
+        for *_, l_u in ls:  # Eq. 5
+            u = para.scale(l_u, u)
+        return h + project(ffn.w2, F.silu(project(ffn.w1, f, ids)) * u, ids)
+
+
+class GemmaMixedBlock(MixedBlock, GemmaBlock):
+    """The same on Gemma's block (gemma.GemmaPARABlock and GemmaBankBlock in one)."""
+
+    def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None, vectors=None):
+        att, ffn, ids, project = self.attention, self.feed_forward, adapter_ids, adapters.project
+        a = project(self.attention_norm, x, ids)
+        ls = prompt_vectors(self, a, start_pos, vectors, ids)
+        q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
+        for l_q, l_v, _ in ls:
+            q, v = para.scale(l_q, q), para.scale(l_v, v)
+        h = x + self.post("post_attention_norm", project(att.wo, att.attend(q, k, v, rot, mask, cache, start_pos), ids))
+        f = project(self.ffn_norm, h, ids)
+        u = project(ffn.w3, f, ids)
+        for *_, l_u in ls:
+            u = para.scale(l_u, u)
+        g = F.gelu(project(ffn.w1, f, ids), approximate="tanh")
+        return h + self.post("post_ffn_norm", project(ffn.w2, g * u, ids))
+
+
+MIXED_BLOCKS = {TransformerBlock: MixedBlock, GemmaBlock: GemmaMixedBlock}
+
+
+def add_group(model, config: dict, n_rows: int) -> dict:
+    """A bank of n_rows fresh adapters of `config` ({"method": ..., settings}), each the identity, joined to the model
+    as group len(model.groups). Returns the bank's tensors by name, (n_rows, *shape) each, for the caller to fill."""
+    if getattr(model, "adapter_config", None):
+        raise UserError(f"the model already has a {model.adapter_config['method']} adapter of its own")
+    if not hasattr(model, "groups"):
+        for block in model.layers:
+            if type(block) not in MIXED_BLOCKS:
+                raise UserError(f"adapters of several methods in one batch are not written for {type(block).__name__}")
+            block.__class__ = MIXED_BLOCKS[type(block)]
+            block.vector_generators = nn.ModuleList()
+        model.groups = []
+    g = len(model.groups)
+    # a copy of the model's modules that shares its weights (the memo maps each one to itself): adapters.py builds
+    # the bank on it exactly as on a model of its own, and its adapted modules become this group's parts
+    shell = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+    for block in shell.layers:  # the shell's blocks are plain blocks again, without the model's groups
+        block.__class__ = next(plain for plain, mixed in MIXED_BLOCKS.items() if type(block) is mixed)
+        del block.vector_generators
+        for module in block.modules():
+            if isinstance(module, Mixed):
+                module.__class__ = module.plain
+                del module.parts
+    del shell.groups
+    settings = dict(config)
+    adapters.add_adapter(shell, settings.pop("method"), n_adapters=max(n_rows, 2), **settings)
+    for block, theirs in zip(model.layers, shell.layers):
+        if isinstance(theirs, para.PARABlock):
+            theirs.vector_generator.group = g
+            block.vector_generators.append(theirs.vector_generator)
+            continue
+        for name, part in theirs.named_modules():
+            if isinstance(part, adapters.Bank):
+                mine = block.get_submodule(name)
+                if not isinstance(mine, Mixed):
+                    mine.__class__ = mixed_class(type(mine))
+                    mine.parts = nn.ModuleList()
+                part.group = g
+                mine.parts.append(part)
+    model.groups.append(config)
+    return adapters.adapter_state_dict(shell)
