@@ -534,6 +534,9 @@ def claims(rows):
             out.append((f"continuous batching / one at a time tokens/s, {r['load']}", r, "continuous / it", ">=", 2.0))
         if r["method"] == "engine decode step":
             out.append((f"engine decode steps/s / ceiling, {r['rows']} rows, {r['dtype']}", r, "/ ceiling", ">=", 0.9))
+            # the ceiling reads the weights only; a step of many rows must also read their cached keys and values
+            out.append((f"engine decode steps/s / (ceiling + one read of the KV cache), {r['rows']} rows, {r['dtype']}",
+                        r, "/ ceiling with the cache reads", ">=", 0.9))
     for r in (r for r in rows if r["section"] == "train" and r.get("ours / HF+PEFT")):
         out.append((f"train step tokens/s, ours / HF+PEFT, {r['method']}", r, "ours / HF+PEFT", ">=", 1.0))
     compare = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
@@ -672,6 +675,10 @@ def parse_args(argv=None):
     p.add_argument("--serve_mixes", default="table4,short", help="serve: the length mixes, table4 and/or short")
     p.add_argument("--serve_requests", type=int, default=24, help="serve: requests in each load")
     p.add_argument("--serve_max_batch", type=int, default=16, help="serve: the server's --max_batch")
+    p.add_argument("--serve_methods", default="base,para,ia3,lora,houlsby,mixed,one,static", help="serve: the rows, "
+                   "comma-separated: methods (base is always measured: every ratio is against it), mixed (one server "
+                   "of every method's tenants), one (one request at a time), static (static batches)")
+    p.add_argument("--serve_prefill_layers", type=int, help="serve: the servers' --prefill_layers (default: all)")
     args = p.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(TITLES)
     if unknown:
@@ -683,6 +690,10 @@ def parse_args(argv=None):
         p.error(f"--serve_tenants takes whole numbers and --serve_rate numbers, comma-separated; got "
                 f"{args.serve_tenants!r} and {args.serve_rate!r}")
     args.serve_mixes = args.serve_mixes.split(",")
+    args.serve_methods = args.serve_methods.split(",")
+    rows = {"base", "mixed", "one", "static"} | {m for m, method in adapters.METHODS.items() if not method.full}
+    if not set(args.serve_methods) <= rows:
+        p.error(f"--serve_methods takes {', '.join(sorted(rows))}; got {','.join(args.serve_methods)}")
     if not args.serve_mixes or not set(args.serve_mixes) <= {"table4", "short"}:
         p.error(f"--serve_mixes takes table4, short or both, got {','.join(args.serve_mixes)}")
     if not all(r > 0 and math.isfinite(r) for r in args.serve_rate):
@@ -690,7 +701,8 @@ def parse_args(argv=None):
     for flag, value in (("--threads", args.threads), ("--runs", args.runs), ("--prompt_len", args.prompt_len),
                         ("--new_tokens", args.new_tokens), ("--batch", args.batch),
                         ("--serve_tenants", min(args.serve_tenants)), ("--serve_clients", args.serve_clients),
-                        ("--serve_requests", args.serve_requests), ("--serve_max_batch", args.serve_max_batch)):
+                        ("--serve_requests", args.serve_requests), ("--serve_max_batch", args.serve_max_batch),
+                        ("--serve_prefill_layers", args.serve_prefill_layers)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     return args
@@ -742,7 +754,7 @@ def main(argv=None):
                "threads": torch.get_num_threads(), "runs": args.runs, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "batch": args.batch, "sizes": args.sizes,
                **{k: getattr(args, k) for k in ("serve_tenants", "serve_clients", "serve_rate", "serve_requests",
-                                                "serve_mixes")},
+                                                "serve_mixes", "serve_methods", "serve_prefill_layers")},
                "adapters": "init" if args.init else "random",
                "compiled decode": args.compile, "torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
                "cpu capability": torch.backends.cpu.get_cpu_capability(),

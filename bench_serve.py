@@ -33,6 +33,9 @@ import bench
 import generate
 import serve
 
+MIXED = "mixed"  # a row: one server holding every method's tenants, its requests going to each method in turn
+
+
 def mixes(args, context):
     """name -> the range of prompt lengths (tokens) its requests draw from: the paper's Table 4 shape (--prompt_len,
     274), and short chat-like prompts; within the model's context."""
@@ -53,10 +56,10 @@ def requests_of(tokenizer, lengths, n, new_tokens, seed):
     return out
 
 
-def server_of(path, dtype, tenants, max_batch, max_len, static=False):
+def server_of(path, dtype, tenants, max_batch, max_len, static=False, prefill_layers=None):
     """A serve.py server of the model at path with the adapter files `tenants` ({name: path}), in this process."""
     argv = ["--port", "0", "--dtype", dtype, "--max_batch", str(max_batch), "--max_waiting", "100000",
-            "--max_len", str(max_len)]
+            "--max_len", str(max_len)] + (["--prefill_layers", str(prefill_layers)] if prefill_layers else [])
     argv += ["--ckpt_dir", path] if path else []
     for name, file in tenants.items():
         argv += ["--adapter", f"{name}={file}"]
@@ -147,7 +150,8 @@ def serving(base, tokenizer, args, device, dtype, path):
     --serve_requests and --serve_mixes size it."""
     Ks, name_of = args.serve_tenants, adapters.label
     dtype_flag = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
-    methods = {None: {}} | {m: s for m, s in args.sizes.items() if not adapters.METHODS[m].prunes}
+    methods = {None: {}} | {m: s for m, s in args.sizes.items()
+                            if not adapters.METHODS[m].prunes and m in args.serve_methods}
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     tenants = {}
     for method, settings in methods.items():  # max(K) random adapters of each method, saved for the server to load
@@ -167,15 +171,23 @@ def serving(base, tokenizer, args, device, dtype, path):
         # (row name, K) -> (its server, the models its requests go to in turn). A method's server holds max(K)
         # tenants, and a load with K tenants sends its requests to K of them: each row computes with its own
         # adapter, so the others held in the bank cost memory, not time
-        servers, jobs = {}, {}
+        servers, jobs, layers = {}, {}, args.serve_prefill_layers
         for m, s in methods.items():
-            server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len)
+            server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len,
+                               prefill_layers=layers)
             for K in (Ks if m else [0]):
                 servers[name_of(m, s) if m else "base", K] = (server, list(tenants.get(m, {}))[:K] or
                                                               [server.base_name])
+        if MIXED in args.serve_methods and tenants:  # every method's tenants in one server, in turn: one batch
+            every = [name for i in range(max(Ks)) for names in tenants.values() for name in list(names)[i:i + 1]]
+            server = server_of(path, dtype_flag, {n: f for names in tenants.values() for n, f in names.items()},
+                               args.serve_max_batch, max_len, prefill_layers=layers)
+            for K in Ks:
+                servers[MIXED, K] = (server, every[:K])
         for name, kept in (("base, one at a time", 1), ("base, static batches", args.serve_max_batch)):
-            server = server_of(path, dtype_flag, {}, kept, max_len, static="static" in name)
-            servers[name, 0] = (server, [server.base_name])
+            if name.split(", ")[1].split()[0] in args.serve_methods:
+                server = server_of(path, dtype_flag, {}, kept, max_len, static="static" in name, prefill_layers=layers)
+                servers[name, 0] = (server, [server.base_name])
         for server, models in servers.values():  # first calls pay for allocations and kernel choices
             one_request(server, models[0], requests[0][0], 4)
         for (name, K), (server, models) in servers.items():
@@ -193,7 +205,8 @@ def serving(base, tokenizer, args, device, dtype, path):
         for (name, K, load), measured in runs.items():
             ref = runs["base", 0, load]
             row = {"section": "serve", "mix": mix, "method": name, "key": name.split(",")[0] if "," in name else
-                   next((m for m, s in methods.items() if m and name_of(m, s) == name), None), "tenants": K,
+                   next((m for m, s in methods.items() if m and name_of(m, s) == name), name if name == MIXED else None),
+                   "tenants": K,
                    "load": f"{args.serve_clients} clients" if load == "closed" else f"{load:g} req/s"}
             for key in measured[0]:
                 row[key] = statistics.median(m[key] for m in measured)

@@ -154,6 +154,39 @@ class Batch:
 # The engine: admission (the scheduler), prefill, decode steps
 
 
+class Prefill:
+    """A group's prefill, a few layers at a time: generate.prefill (one forward over the left-padded prompts: their
+    keys and values, PARA's vectors, the logits of each one's first token), cut between layers, so that the running
+    rows' decode steps go on between two pieces and none waits for a whole prefill (--prefill_layers). Each piece
+    runs model.Transformer.forward's own steps on the whole group, so the result is the one-forward result, bit for
+    bit. The cut is between layers, not between tokens (chunked prefill): under PARA every prompt token's Q and V at
+    a layer are scaled by vectors read from the last token's state at that layer, which needs all tokens' earlier
+    layers first."""
+
+    def __init__(self, model, group, pad_id, bank):
+        a, device = model.args, model.tok_embeddings.weight.device
+        self.model, self.group, self.layer = model, group, 0
+        tokens, pad_len = generate.left_pad([r.prompt for r in group], pad_id, device)
+        self.cache = KVCache(a.n_layers, len(group), tokens.shape[1], a.n_kv_heads, a.head_dim, device,
+                             generate.cache_dtype(model), pad_len=pad_len,
+                             adapter_ids=torch.tensor([bank.ids(r.adapter) for r in group], dtype=torch.long,
+                                                      device=device))  # (G, groups)
+        self.rows = adapters.block_args(model, adapter_ids=self.cache.adapter_ids, vectors=self.cache.vectors)
+        self.h = model.embed(tokens)  # (G, T, D)
+        self.rot, self.mask = model.rope_and_mask(torch.arange(tokens.shape[1], device=device), 0, pad_len, self.cache)
+        self.logits = None  # (G, vocab), after the last layer
+        self.going_on = []  # the (j, request) pairs that go on past their first token
+
+    def run(self, n_layers):
+        """The next n_layers layers; after the last, the logits of each prompt's next token."""
+        for block in self.model.layers[self.layer:self.layer + n_layers]:
+            self.h = block(self.h, self.rot, self.mask, self.cache, 0, **self.rows)
+        self.layer += n_layers
+        if self.layer >= len(self.model.layers):
+            self.logits = self.model.output(self.model.norm(self.h[:, -1:])).float()[:, -1]
+            self.h = None
+
+
 class Overloaded(Exception):
     """The waiting queue is full (HTTP 429)."""
 
@@ -163,12 +196,15 @@ class Draining(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, bank, max_batch=16, max_len=2048, max_waiting=64, prefill_tokens=512):
+    def __init__(self, model, tokenizer, bank, max_batch=16, max_len=2048, max_waiting=64, prefill_tokens=512,
+                 prefill_layers=None):
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.batch = Batch(model, max_batch, max_len)
         self.waiting = collections.deque()
         self.max_waiting = max_waiting
         self.prefill_tokens = prefill_tokens  # a group's padded prompt tokens at most: what stalls the running rows
+        self.prefill_layers = prefill_layers or model.args.n_layers  # layers of a prefill between two decode steps
+        self.pending = None  # the group being prefilled, a piece of layers at a time (Prefill)
         self.wake = threading.Condition()
         self.draining = self.stopped = False
         self.static = False  # continuous batching; True: static batches, for bench.py's comparison
@@ -184,7 +220,7 @@ class Engine:
             self.wake.notify()
 
     def busy(self):
-        return bool(self.waiting or self.batch.rows)
+        return bool(self.waiting or self.batch.rows or self.pending)
 
     def run(self):
         """The engine's one loop: admit what fits, then one decode step for every running row."""
@@ -208,9 +244,11 @@ class Engine:
         overtakes. The group's prefill is one forward, so a burst of arrivals stalls the running rows once, and
         for as long as prefill_tokens allow, not once per request. Static batches (bench.py's comparison) take
         every request that fits, but only into an empty batch."""
+        if self.pending:  # a prefill in pieces goes on first: nothing overtakes it
+            return self.prefill()
         if self.static and self.batch.rows:
             return
-        group, column = [], None
+        group = []
         with self.wake:
             while self.waiting:
                 request = self.waiting[0]
@@ -229,41 +267,43 @@ class Engine:
                 tokens = (len(group) + 1) * max(len(r.prompt) for r in group + [request])
                 if group and tokens > self.prefill_tokens and not self.static:
                     break
-                fits = self.batch.join_column(group + [request])
-                if fits is None:
+                if self.batch.join_column(group + [request]) is None:
                     break
                 group.append(self.waiting.popleft())
-                column = fits
         if group:
-            try:
-                self.prefill(group, column)
-            except Exception as e:  # a fault in the engine fails these requests only
-                self.fail(group, e)
+            self.pending = Prefill(self.model, group, self.tokenizer.pad_id, self.bank)
+            self.prefill()
 
     def fail(self, requests, e):
         for r in requests:
             r.events.put(("error", f"internal error in the engine: {type(e).__name__}: {e}"))
 
     def in_use(self):
-        return {r.model for r in self.batch.rows} | {r.model for r in self.waiting}
+        pending = self.pending.group if self.pending else []
+        return {r.model for r in [*self.batch.rows, *self.waiting, *pending]}
 
     @torch.inference_mode()
-    def prefill(self, group, column):
-        """The group's prompts, as generate.py runs a batch of prompts (left-padded, one forward): their keys and
-        values, under PARA their vectors, and the logits of each one's first token; those that go on join the
-        batch."""
-        a, device = self.model.args, self.model.tok_embeddings.weight.device
-        tokens, pad_len = generate.left_pad([r.prompt for r in group], self.tokenizer.pad_id, device)
-        cache = KVCache(a.n_layers, len(group), tokens.shape[1], a.n_kv_heads, a.head_dim, device,
-                        generate.cache_dtype(self.model), pad_len=pad_len,
-                        adapter_ids=torch.tensor([self.bank.ids(r.adapter) for r in group], dtype=torch.long,
-                                                 device=device))  # (G, groups)
-        logits = generate.prefill(self.model, tokens, cache)  # (G, vocab)
-        for r in group:
-            if r.options.seed is not None:
-                r.generator = torch.Generator(device).manual_seed(r.options.seed)
-        going_on = [(j, r) for j, r in enumerate(group) if self.advance(r, logits[j:j + 1])]
-        self.batch.join(going_on, cache, column)
+    def prefill(self):
+        """The next piece of the pending group's prefill (Prefill: at most prefill_layers layers). After the last,
+        each request's first token; those that go on join the batch when it has room for them (rows may have moved
+        on since the group was admitted)."""
+        p = self.pending
+        try:
+            if p.logits is None:
+                p.run(self.prefill_layers)
+                if p.logits is None:
+                    return
+                for r in p.group:
+                    if r.options.seed is not None:
+                        r.generator = torch.Generator(p.logits.device).manual_seed(r.options.seed)
+                p.going_on = [(j, r) for j, r in enumerate(p.group) if self.advance(r, p.logits[j:j + 1])]
+            column = self.batch.join_column([r for _, r in p.going_on]) if p.going_on else self.batch.c
+            if column is None:
+                return  # the running rows have moved near the cache's end: join once some have finished
+            self.batch.join(p.going_on, p.cache, column)
+        except Exception as e:  # a fault in the engine fails these requests only
+            self.fail(p.group, e)
+        self.pending = None
 
     @torch.inference_mode()
     def step(self):
@@ -663,6 +703,8 @@ def parse_args(argv=None):
     arg("--prefill_tokens", type=int, default=512, help="prompt tokens (each padded to the longest) that arrivals "
         "are prefilled together in, at most: the longest the running requests stall for them (a longer prompt is "
         "prefilled alone)")
+    arg("--prefill_layers", type=int, help="layers of a prefill run between two decode steps, at most: a long "
+        "prefill runs in pieces, and the running requests' tokens go on between them (default: all, one piece)")
     arg("--max_waiting", type=int, default=64, help="requests waiting at most; more get HTTP 429")
     arg("--max_tokens", type=int, default=256, help="new tokens of a chat completion that does not say (a "
         "completion's default is OpenAI's, 16)")
@@ -672,7 +714,7 @@ def parse_args(argv=None):
     arg("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on cuda and on CPUs with native bf16, fp32 "
         "elsewhere")
     args = p.parse_args(argv)
-    for flag in ("max_adapters", "max_batch", "max_len", "max_waiting", "max_tokens", "prefill_tokens"):
+    for flag in ("max_adapters", "max_batch", "max_len", "max_waiting", "max_tokens", "prefill_tokens", "prefill_layers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536 or not args.drain_seconds >= 0:
@@ -699,7 +741,8 @@ def start(args):
     max_len = args.max_len or min(2048, model.args.max_seq_len)
     if max_len > model.args.max_seq_len:
         raise UserError(f"--max_len {max_len} is more than the model's context of {model.args.max_seq_len}")
-    engine = Engine(model, tokenizer, bank, args.max_batch, max_len, args.max_waiting, args.prefill_tokens)
+    engine = Engine(model, tokenizer, bank, args.max_batch, max_len, args.max_waiting, args.prefill_tokens,
+                    args.prefill_layers)
     engine.thread.start()
     return Server((args.host, args.port), engine, model_name(args.ckpt_dir), args.max_tokens)
 

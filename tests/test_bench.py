@@ -123,7 +123,9 @@ def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batchin
     step = [r for r in report["rows"] if r["method"] == "engine decode step"]
     rows = [r for r in report["rows"] if r["method"] != "engine decode step"]
     methods = {r["method"] for r in rows}
-    assert {"base", "base, one at a time", "base, static batches"} <= methods and "PARA r=12" in methods
+    assert {"base", "base, one at a time", "base, static batches", "mixed"} <= methods and "PARA r=12" in methods
+    assert {(r["tenants"], r["load"]) for r in rows if r["method"] == "mixed" and r["mix"] == "short"} == \
+        {(k, load) for k in (1, 2) for load in ("2 clients", "50 req/s", "100 req/s")}  # every method's tenants
     assert {r["mix"] for r in rows} == {"table4", "short"}
     para = {(r["mix"], r["tenants"], r["load"]) for r in rows if r["method"] == "PARA r=12"}
     assert para == {(mix, k, load) for mix in ("table4", "short") for k in (1, 2)
@@ -134,4 +136,14 @@ def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batchin
     assert step[0]["/ ceiling with the cache reads"] > step[0]["/ ceiling"]  # the same rounds, the cache's time added
     claims = {c["claim"].split(",")[0] for c in report["claims"]}
     assert claims == {"PARA / base tokens/s", "PARA / base p99 inter-token latency",
-                      "continuous batching / one at a time tokens/s", "engine decode steps/s / ceiling"}
+                      "continuous batching / one at a time tokens/s", "engine decode steps/s / ceiling",
+                      "engine decode steps/s / (ceiling + one read of the KV cache)"}
+
+
+def test_bench_serve_measures_only_the_rows_asked_for_with_prefills_in_pieces(tiny_folder, capsys):
+    report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "2", "--serve_requests", "4",
+                       "--serve_clients", "2", "--serve_rate", "50", "--serve_max_batch", "4", "--serve_mixes",
+                       "short", "--serve_methods", "para", "--serve_prefill_layers", "1")
+    rows = [r for r in report["rows"] if r["method"] != "engine decode step"]
+    assert {r["method"] for r in rows} == {"base", "PARA r=12"} and report["setting"]["serve_prefill_layers"] == 1
+    assert all(r["tokens/s"] > 0 for r in rows)

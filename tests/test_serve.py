@@ -382,22 +382,26 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_dir, para_fil
         proc.communicate()
 
 
+@pytest.mark.parametrize("prefill_layers", [None, 1])
 def test_rows_move_left_near_the_caches_end_and_right_for_a_longer_prompt_and_still_get_generate_pys_text(
-        tiny_dir, para_files):
+        tiny_dir, para_files, prefill_layers, monkeypatch):
     """The engine driven by hand, one iteration at a time, over a cache of 24 positions: random arrivals of random
     lengths make the rows move, left by the padding they share near the cache's end, right for a prompt longer than
-    the current column; arrivals join alone or in groups. Every request still gets generate.py's text."""
+    the current column; arrivals join alone or in groups; prefills run whole, or a layer at a time with decode steps
+    between the pieces. Every request still gets generate.py's text."""
     import random
 
     _, args = serve.parse_args(["--ckpt_dir", str(tiny_dir), "--dtype", "fp32", "--adapter", f"a={para_files[0]}",
                                 "--max_batch", "3", "--max_len", "24"])
     model, tokenizer = load(str(tiny_dir))
     bank = serve.Bank(model, args.named)
-    engine = serve.Engine(model, tokenizer, bank, max_batch=3, max_len=24, prefill_tokens=16)  # driven below
+    engine = serve.Engine(model, tokenizer, bank, max_batch=3, max_len=24, prefill_tokens=16,
+                          prefill_layers=prefill_layers)  # driven below
     moves, move = [], serve.Batch.move
     engine.batch.move = lambda d: (moves.append(d) if d and engine.batch.rows else None, move(engine.batch, d))[1]
-    groups, prefill = [], engine.prefill
-    engine.prefill = lambda group, column: (groups.append(len(group)), prefill(group, column))[1]
+    groups, Prefill = [], serve.Prefill
+    monkeypatch.setattr(serve, "Prefill", lambda model, group, *rest: (groups.append(len(group)),
+                                                                       Prefill(model, group, *rest))[1])
     rng, requests = random.Random(3), []
     for _ in range(300):
         if rng.random() < 0.3 and len(engine.waiting) < 3:
@@ -480,13 +484,14 @@ def text_of(request):
 
 
 def test_a_burst_of_arrivals_is_prefilled_in_groups_of_at_most_prefill_tokens_and_gets_generate_pys_text(
-        tiny_dir, para_files):
+        tiny_dir, para_files, monkeypatch):
     """Five waiting requests, prompts of 1 to 7 tokens, prefill_tokens 15: the first admission takes the first three
     (padded to 5 tokens: 15; the fourth would make 4 x 7), the next the last two (2 x 7). Each text is generate.py's for its
     prompt alone; the base model's rows and the adapter's share the groups."""
     engine, tokenizer, bank = hand_driven_engine(tiny_dir, para_files, max_batch=8, max_len=40, prefill_tokens=15)
-    forwards = []
-    prefill = generate.prefill
+    forwards, Prefill = [], serve.Prefill
+    monkeypatch.setattr(serve, "Prefill", lambda *args: (forwards.append(tuple(Prefill(*args).h.shape[:2])),
+                                                         Prefill(*args))[1])
     words = ["w5 w6", "w9 w10 w11 w12 w13", "w20 w21 w22", "w30 w31 w32 w33 w34 w35 w36", "w40"]
     requests = [serve.Request(tokenizer.encode(w), generate.Options(max_new_tokens=6, eos_id=-1), name,
                               adapter=bank.rows[name] if name == "a" else serve.BASE)
@@ -494,17 +499,12 @@ def test_a_burst_of_arrivals_is_prefilled_in_groups_of_at_most_prefill_tokens_an
     assert [len(r.prompt) for r in requests] == [2, 5, 3, 7, 1]
     for r in requests:
         engine.submit(r)
-    try:
-        generate.prefill = lambda model, tokens, cache: (forwards.append(tuple(tokens.shape)),
-                                                         prefill(model, tokens, cache))[1]
-        engine.admit()
-        assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2
-        engine.step()
-        engine.admit()
-        assert len(engine.batch.rows) == 5 and not engine.waiting
-        finish(engine)
-    finally:
-        generate.prefill = prefill
+    engine.admit()
+    assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2
+    engine.step()
+    engine.admit()
+    assert len(engine.batch.rows) == 5 and not engine.waiting
+    finish(engine)
     assert forwards == [(3, 5), (2, 7)]
     adapted, _ = load(str(tiny_dir))
     adapters.load_adapter(adapted, [para_files[0]])
@@ -536,3 +536,29 @@ def test_a_prompt_longer_than_prefill_tokens_is_prefilled_alone_and_static_batch
     engine.admit()
     assert len(engine.batch.rows) == 3 and len(engine.waiting) == 2  # nothing joins a running static batch
     finish(engine)
+
+
+def test_a_prefill_in_pieces_of_layers_lets_the_running_rows_decode_in_between(tiny_dir, para_files):
+    """--prefill_layers 1 on the 2-layer model: a prefill takes two iterations, and the running request gets a token
+    between them; both texts are generate.py's."""
+    engine, tokenizer, bank = hand_driven_engine(tiny_dir, para_files, max_batch=4, max_len=40, prefill_layers=1)
+    options = generate.Options(max_new_tokens=8, eos_id=-1)
+    first = serve.Request(tokenizer.encode("w5 w6 w7"), options, "a", adapter=bank.rows["a"])
+    second = serve.Request(tokenizer.encode("w9 w10 w11 w12 w13 w14"), options, "base")
+    engine.submit(first)
+    engine.admit()
+    assert engine.pending and not engine.batch.rows  # one layer of two done
+    engine.admit()
+    assert not engine.pending and engine.batch.rows == [first] and len(first.tokens) == 1
+    engine.submit(second)
+    engine.admit()
+    engine.step()
+    assert engine.pending and engine.batch.rows == [first] and len(first.tokens) == 2  # decoded in between
+    engine.admit()
+    assert engine.batch.rows == [first, second]
+    finish(engine)
+    adapted, _ = load(str(tiny_dir))
+    adapters.load_adapter(adapted, [para_files[0]])
+    base, _ = load(str(tiny_dir))
+    for r, model in ((first, adapted), (second, base)):
+        assert text_of(r) == generate.generate(model, tokenizer, [r.prompt], max_new_tokens=8, eos_id=-1)[0].text
