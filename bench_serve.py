@@ -150,12 +150,12 @@ def serving(base, tokenizer, args, device, dtype, path):
     --serve_requests and --serve_mixes size it."""
     Ks, name_of = args.serve_tenants, adapters.label
     dtype_flag = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
-    methods = {None: {}} | {m: s for m, s in args.sizes.items()
-                            if not adapters.METHODS[m].prunes and m in args.serve_methods}
+    every = {m: s for m, s in args.sizes.items() if not adapters.METHODS[m].prunes}  # the mixed row's methods
+    methods = {None: {}} | {m: s for m, s in every.items() if m in args.serve_methods}
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     tenants = {}
-    for method, settings in methods.items():  # max(K) random adapters of each method, saved for the server to load
-        if method is None:
+    for method, settings in (every if MIXED in args.serve_methods else methods).items():
+        if method is None:  # max(K) random adapters of each method, saved for the servers to load
             continue
         model = bench.with_adapter(base, method, settings, max(Ks), True, seed=5)
         tenants[method] = {}
@@ -173,7 +173,7 @@ def serving(base, tokenizer, args, device, dtype, path):
         # adapter, so the others held in the bank cost memory, not time
         servers, jobs, layers = {}, {}, args.serve_prefill_layers
         for m, s in methods.items():
-            server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len,
+            server = server_of(path, dtype_flag, tenants.get(m, {}) if m else {}, args.serve_max_batch, max_len,
                                prefill_layers=layers)
             for K in (Ks if m else [0]):
                 servers[name_of(m, s) if m else "base", K] = (server, list(tenants.get(m, {}))[:K] or

@@ -143,7 +143,8 @@ def test_bench_serve_section_loads_a_server_of_every_method_and_compares_batchin
 def test_bench_serve_measures_only_the_rows_asked_for_with_prefills_in_pieces(tiny_folder, capsys):
     report = run_bench(tiny_folder, capsys, "--sections", "serve", "--serve_tenants", "2", "--serve_requests", "4",
                        "--serve_clients", "2", "--serve_rate", "50", "--serve_max_batch", "4", "--serve_mixes",
-                       "short", "--serve_methods", "para", "--serve_prefill_layers", "1")
+                       "short", "--serve_methods", "para,mixed", "--serve_prefill_layers", "1")
     rows = [r for r in report["rows"] if r["method"] != "engine decode step"]
-    assert {r["method"] for r in rows} == {"base", "PARA r=12"} and report["setting"]["serve_prefill_layers"] == 1
+    assert {r["method"] for r in rows} == {"base", "PARA r=12", "mixed"}
+    assert report["setting"]["serve_prefill_layers"] == 1
     assert all(r["tokens/s"] > 0 for r in rows)
