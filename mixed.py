@@ -21,6 +21,7 @@ parts are moved onto the model's own projections and norms.
 """
 import copy
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -49,7 +50,7 @@ MIXED_CLASSES = {}
 
 def mixed_class(cls):
     if cls not in MIXED_CLASSES:
-        MIXED_CLASSES[cls] = type(f"Mixed{cls.__name__}", (Mixed, cls), {"base_forward": cls.forward, "plain": cls})
+        MIXED_CLASSES[cls] = type(f"Mixed{cls.__name__}", (Mixed, cls), {"base_forward": cls.forward})
     return MIXED_CLASSES[cls]
 
 
@@ -111,44 +112,45 @@ class GemmaMixedBlock(MixedBlock, GemmaBlock):
 MIXED_BLOCKS = {TransformerBlock: MixedBlock, GemmaBlock: GemmaMixedBlock}
 
 
-def add_group(model, config: dict, n_rows: int) -> dict:
-    """A bank of n_rows fresh adapters of `config` ({"method": ..., settings}), each the identity, joined to the model
-    as group len(model.groups). Returns the bank's tensors by name, (n_rows, *shape) each, for the caller to fill."""
+def add_groups(model, groups: list) -> list:
+    """Make the model hold a bank per group, in place: groups [(config, n_rows)], config {"method": ..., settings},
+    each bank n_rows fresh adapters, each the identity. Returns each bank's tensors by name, (n_rows, *shape) each,
+    for the caller to fill. No group: the model stays as it is."""
     if getattr(model, "adapter_config", None):
         raise UserError(f"the model already has a {model.adapter_config['method']} adapter of its own")
-    if not hasattr(model, "groups"):
-        for block in model.layers:
-            if type(block) not in MIXED_BLOCKS:
-                raise UserError(f"adapters of several methods in one batch are not written for {type(block).__name__}")
-            block.__class__ = MIXED_BLOCKS[type(block)]
-            block.vector_generators = nn.ModuleList()
-        model.groups = []
-    g = len(model.groups)
-    # a copy of the model's modules that shares its weights (the memo maps each one to itself): adapters.py builds
-    # the bank on it exactly as on a model of its own, and its adapted modules become this group's parts
-    shell = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
-    for block in shell.layers:  # the shell's blocks are plain blocks again, without the model's groups
-        block.__class__ = next(plain for plain, mixed in MIXED_BLOCKS.items() if type(block) is mixed)
-        del block.vector_generators
-        for module in block.modules():
-            if isinstance(module, Mixed):
-                module.__class__ = module.plain
-                del module.parts
-    del shell.groups
-    settings = dict(config)
-    adapters.add_adapter(shell, settings.pop("method"), n_adapters=max(n_rows, 2), **settings)
-    for block, theirs in zip(model.layers, shell.layers):
-        if isinstance(theirs, para.PARABlock):
-            theirs.vector_generator.group = g
-            block.vector_generators.append(theirs.vector_generator)
-            continue
-        for name, part in theirs.named_modules():
-            if isinstance(part, adapters.Bank):
-                mine = block.get_submodule(name)
-                if not isinstance(mine, Mixed):
-                    mine.__class__ = mixed_class(type(mine))
-                    mine.parts = nn.ModuleList()
-                part.group = g
-                mine.parts.append(part)
-    model.groups.append(config)
-    return adapters.adapter_state_dict(shell)
+    if not groups:
+        return []
+    for block in model.layers:
+        if type(block) not in MIXED_BLOCKS:
+            raise UserError(f"adapters of several methods in one batch are not written for {type(block).__name__}")
+    # copies of the model's modules that share its weights (the memo maps each one to itself): adapters.py builds
+    # each group's bank on one, exactly as on a model of its own, and its adapted modules become the group's parts
+    shells = [copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+              for _ in groups]
+    for block in model.layers:
+        block.__class__ = MIXED_BLOCKS[type(block)]
+        block.vector_generators = nn.ModuleList()
+    tensors = []
+    for g, ((config, n_rows), shell) in enumerate(zip(groups, shells)):
+        settings = dict(config)
+        adapters.add_adapter(shell, settings.pop("method"), n_adapters=max(n_rows, 2), **settings)  # a bank
+        tensors.append(adapters.adapter_state_dict(shell))
+        if adapters.METHODS[config["method"]].union:  # a union's rows are zeros where a tenant has nothing (a fresh
+            with torch.no_grad():  # SSP low-rank adapter is random), and zeros are the identity
+                for t in tensors[-1].values():
+                    t.zero_()
+        for block, theirs in zip(model.layers, shell.layers):
+            if isinstance(theirs, para.PARABlock):
+                theirs.vector_generator.group = g
+                block.vector_generators.append(theirs.vector_generator)
+                continue
+            for name, part in theirs.named_modules():
+                if isinstance(part, adapters.Bank):
+                    mine = block.get_submodule(name)
+                    if not isinstance(mine, Mixed):
+                        mine.__class__ = mixed_class(type(mine))
+                        mine.parts = nn.ModuleList()
+                    part.group = g
+                    mine.parts.append(part)
+    model.groups = [config for config, _ in groups]
+    return tensors

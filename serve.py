@@ -386,20 +386,16 @@ class Bank:
             union = adapters.METHODS[configs[0]["method"]].union
             self.configs.append(union(configs) if union else configs[0])
         self.rows, self.used = {}, collections.OrderedDict()  # name -> (group, row); name -> None, oldest first
-        self.tensors, self.free = [], []  # each group's bank tensors by name, and its free rows
+        self.free, sizes = [], []  # each group's free rows; its rows
         for g, config in enumerate(self.configs):
             mine = [name for name in named if self.group(payloads[name]["config"]) == g]
             folder = any(self.group(payloads[name]["config"]) == g for name in found if name not in self.pinned)
-            n_rows = 1 + len(mine) + (max_adapters if folder else 0)
-            self.tensors.append(mixed.add_group(model, config, n_rows))
-            if adapters.METHODS[config["method"]].union:  # zeros where a tenant has nothing (a fresh SSP low-rank
-                with torch.no_grad():  # adapter is random): row 0 too, the identity
-                    for t in self.tensors[g].values():
-                        t.zero_()
-            self.free.append(list(range(1 + len(mine), n_rows)))
-            for row, name in enumerate(mine, start=1):
-                self.fill(g, row, named[name], payloads[name])
-                self.rows[name] = (g, row)
+            sizes.append(1 + len(mine) + (max_adapters if folder else 0))
+            self.free.append(list(range(1 + len(mine), sizes[-1])))
+            self.rows |= {name: (g, row) for row, name in enumerate(mine, start=1)}
+        self.tensors = mixed.add_groups(model, list(zip(self.configs, sizes)))  # each group's bank tensors by name
+        for name, (g, row) in self.rows.items():
+            self.fill(g, row, named[name], payloads[name])
 
     @staticmethod
     def key(config):
