@@ -169,7 +169,8 @@ def block_args(model: Transformer, prompt_len=None, adapter_ids=None, vectors=No
     has: PARA's blocks take each row's prompt_len and a generation's store of vectors, a bank's blocks each row's
     adapter_ids, and model.py's own blocks none (none of the others changes what they compute)."""
     if getattr(model, "groups", None):  # adapters of several methods in one batch (mixed.py)
-        return {"adapter_ids": adapter_ids, "vectors": vectors}
+        import mixed  # here: mixed.py imports this file
+        return {"adapter_ids": mixed.Rows(adapter_ids), "vectors": vectors}
     config = getattr(model, "adapter_config", None)
     args = {"prompt_len": prompt_len, "vectors": vectors} if config and METHODS[config["method"]].reads_prompt else {}
     if getattr(model, "n_adapters", 1) > 1:

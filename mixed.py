@@ -6,15 +6,16 @@ adapters.py's bank holds n adapters of one method: each adapted projection is on
 tensors are stacked (n, *shape). Here the model holds several such banks at once, one per group (a method and its
 config), and a projection may carry the parts of several groups: wv, say, LoRA's and (IA)^3's.
 
-    row b of the batch, adapter_ids[b] (G,): its row in each group's bank
-    y = x W^T                                       the loaded projection, once for every row
-    y = adapt_g(x, y, tensors_g[adapter_ids[:, g]])  for each group g with a part on this projection
-    q, v, u *= l_q, l_v, l_u                         for each PARA group, after its projection's parts
+    row b of the batch, adapter_ids[b] (G,): its row in each group's bank, 0 (the identity) but in its tenant's
+    y = x W^T                                         the loaded projection, once for every row
+    y[rows_g] = adapt_g(x[rows_g], y[rows_g], ...)    for each group g with a part here: its equation, on its
+                                                      tenants' rows only, with each row's tensors
+    q, v, u *= l_q, l_v, l_u                          for each PARA group, after its projections
 
-Each group's row 0 is a fresh adapter, the identity: a row that is not the group's gets exactly y back (y * 1,
-y + 0, in any dtype), so each row computes its own method's equation and nothing else, as it would in a bank of its
-own (and as generate.py computes it alone). The price: every group's equation runs on every row; each is a few
-small matmuls or a multiply beside the projection's own matmul.
+Each row so computes its own method's equation and nothing else, as it would in a bank of its own (and as
+generate.py computes it alone). PARA's vectors are made for every row at the prefill (a row of another group gets
+its row 0, a fresh generator: exactly 1), and multiply every row: a multiply per scaled projection, as cheap as
+picking rows out.
 
 Each group's bank is built as adapters.py builds one, on a copy of the model that shares its weights, then its
 parts are moved onto the model's own projections and norms.
@@ -32,16 +33,41 @@ from gemma import GemmaBlock
 from model import TransformerBlock
 
 
+class Rows:
+    """A batch's rows in the groups' banks: adapter_ids (B, G), each row's row in each group (0: the identity),
+    and, for each group g, the rows of the batch that are its tenants', of[g] = (index (k,), their ids (k,)):
+    (None, all ids) when every row is, None when no row is. A projection's part of group g runs on those rows only,
+    so that a LoRA tenant's rows pay for LoRA and a PARA tenant's for nothing more. Made once per forward
+    (adapters.block_args), read by every layer."""
+
+    def __init__(self, adapter_ids):
+        self.ids = adapter_ids
+        self.of = []
+        for ids in adapter_ids.unbind(1):
+            mine = ids != 0
+            index = None if mine.all() else mine.nonzero()[:, 0]
+            self.of.append(None if index is not None and len(index) == 0 else
+                           (index, ids if index is None else ids[index]))
+
+
 class Mixed(adapters.Bank):
-    """A loaded projection (or norm) with the parts of several banks: its own output, then each group's equation
-    with each row's tensors. mixed_class makes the class of a given loaded module."""
+    """A loaded projection (or norm) with the parts of several banks: its own output for every row, then each
+    group's equation on that group's rows, with each row's tensors. mixed_class makes the class of a given loaded
+    module."""
 
     parts: nn.ModuleList  # the bank layers of the groups with a part here, each with .group, its column of ids
 
-    def forward(self, x, adapter_ids):  # x (B, T, in); adapter_ids (B, G)
+    def forward(self, x, rows: Rows):  # x (B, T, in)
         y = self.base_forward(x)
         for part in self.parts:
-            y = part.adapt(x, y, *(adapters.per_row(t, adapter_ids[:, part.group]) for t in part.tensors()))
+            if rows.of[part.group] is None:
+                continue
+            index, ids = rows.of[part.group]
+            tensors = [adapters.per_row(t, ids) for t in part.tensors()]
+            if index is None:
+                y = part.adapt(x, y, *tensors)
+            else:
+                y[index] = part.adapt(x[index], y[index], *tensors)
         return y
 
 
@@ -54,7 +80,7 @@ def mixed_class(cls):
     return MIXED_CLASSES[cls]
 
 
-def prompt_vectors(block, a, start_pos, vectors, adapter_ids):
+def prompt_vectors(block, a, start_pos, vectors, rows):
     """Each PARA group's (l_q, l_v, l_u), each (B, 1, d), as para.PARABlock.prompt_vectors: computed from the
     normed prompt state a (B, T, D) at the prefill (its last column: the prompts are left-padded), read back from
     the generation's store at a decode step."""
@@ -62,7 +88,7 @@ def prompt_vectors(block, a, start_pos, vectors, adapter_ids):
     for vg in block.vector_generators:
         key = (block.attention.layer_id, vg.group)
         if isinstance(start_pos, int) and start_pos == 0:
-            vectors[key] = vg(a[:, -1], adapter_ids[:, vg.group])
+            vectors[key] = vg(a[:, -1], rows.ids[:, vg.group])  # every row: the others' vectors are exactly 1
         elif key not in vectors:
             raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding, "
                                "with the same store of vectors")
@@ -78,7 +104,7 @@ class MixedBlock(TransformerBlock):
     def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None, vectors=None):
         att, ffn, ids, project = self.attention, self.feed_forward, adapter_ids, adapters.project
         a = project(self.attention_norm, x, ids)
-        ls = prompt_vectors(self, a, start_pos, vectors, ids)
+        ls = prompt_vectors(self, a, start_pos, vectors, ids)  # each PARA group's vectors, 1 for others' rows
         q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
         for l_q, l_v, _ in ls:  # Eq. 4, for each PARA group's rows (the others' vectors are 1)
             q, v = para.scale(l_q, q), para.scale(l_v, v)
@@ -96,7 +122,7 @@ class GemmaMixedBlock(MixedBlock, GemmaBlock):
     def forward(self, x, rot, mask, cache=None, start_pos=0, adapter_ids=None, vectors=None):
         att, ffn, ids, project = self.attention, self.feed_forward, adapter_ids, adapters.project
         a = project(self.attention_norm, x, ids)
-        ls = prompt_vectors(self, a, start_pos, vectors, ids)
+        ls = prompt_vectors(self, a, start_pos, vectors, ids)  # each PARA group's vectors, 1 for others' rows
         q, k, v = project(att.wq, a, ids), project(att.wk, a, ids), project(att.wv, a, ids)
         for l_q, l_v, _ in ls:
             q, v = para.scale(l_q, q), para.scale(l_v, v)

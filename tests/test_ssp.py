@@ -303,7 +303,7 @@ def test_the_server_banks_ssp_tenants_of_different_structures_beside_the_base_mo
     ids = torch.tensor([bank.ids(bank.rows["a"]), bank.ids(bank.rows["b"]), bank.ids(serve.BASE)])  # (3, groups)
     tokens = torch.cat([TOKENS, TOKENS[:1]])
     with torch.no_grad():
-        rows = model(tokens, adapter_ids=ids)
+        rows = model(tokens, **adapters.block_args(model, adapter_ids=ids, vectors={}))
         torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
         torch.testing.assert_close(rows[1], alone["b"](tokens[1:2])[0], **WIDE)
         torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)  # row 0: the base model
@@ -324,7 +324,7 @@ def test_ssp_tenants_share_a_batch_with_a_para_tenant(tmp_path):
     ids = torch.tensor([bank.ids(bank.rows["a"]), bank.ids(bank.rows["p"]), bank.ids(serve.BASE)])
     tokens = torch.cat([TOKENS, TOKENS[:1]])
     with torch.no_grad():
-        rows = model(tokens, adapter_ids=ids, vectors={})
+        rows = model(tokens, **adapters.block_args(model, adapter_ids=ids, vectors={}))
         torch.testing.assert_close(rows[0], alone["a"](tokens[:1])[0], **WIDE)
         torch.testing.assert_close(rows[1], para_model(tokens[1:2])[0], **WIDE)
         torch.testing.assert_close(rows[2], wide_model()(tokens[2:])[0], **WIDE)
