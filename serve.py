@@ -16,7 +16,7 @@ Five pieces, and the data flows one way through them (nano-vllm's shape):
   as a row and the cache have room for it (so no request waits forever), with the requests behind it that fit too,
   up to --prefill_tokens: the group's prompts are prefilled in one forward (their keys and values, and under PARA
   their vectors), then copied into the batch. Between two decode steps the running rows wait for one such prefill
-  at most.
+  at most, or for --prefill_layers layers of it (Prefill: a prefill in pieces).
 - Batch: the running requests as one left-padded batch over one KV cache, as in generate.py. Every row ends at the
   same column c, each decode step writes one token per row there, and a row's padding is the columns before its
   prompt: so each row has its own length. A new row's prompt goes to the columns just before c (all rows move
