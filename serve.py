@@ -700,7 +700,8 @@ def parse_args(argv=None):
         "are prefilled together in, at most: the longest the running requests stall for them (a longer prompt is "
         "prefilled alone)")
     arg("--prefill_layers", type=int, help="layers of a prefill run between two decode steps, at most: a long "
-        "prefill runs in pieces, and the running requests' tokens go on between them (default: all, one piece)")
+        "prefill runs in pieces, and the running requests' tokens go on between them: a lower p99 inter-token latency, "
+        "and fewer tokens/s, since groups join more slowly (README, Serving; default: all, one piece)")
     arg("--max_waiting", type=int, default=64, help="requests waiting at most; more get HTTP 429")
     arg("--max_tokens", type=int, default=256, help="new tokens of a chat completion that does not say (a "
         "completion's default is OpenAI's, 16)")
