@@ -173,19 +173,20 @@ def serving(base, tokenizer, args, device, dtype, path):
         # adapter, so the others held in the bank cost memory, not time
         servers, jobs, layers = {}, {}, args.serve_prefill_layers
         for m, s in methods.items():
-            server = server_of(path, dtype_flag, tenants.get(m, {}) if m else {}, args.serve_max_batch, max_len,
+            server = server_of(path, dtype_flag, tenants.get(m, {}), args.serve_max_batch, max_len,
                                prefill_layers=layers)
             for K in (Ks if m else [0]):
                 servers[name_of(m, s) if m else "base", K] = (server, list(tenants.get(m, {}))[:K] or
                                                               [server.base_name])
         if MIXED in args.serve_methods and tenants:  # every method's tenants in one server, in turn: one batch
-            every = [name for i in range(max(Ks)) for names in tenants.values() for name in list(names)[i:i + 1]]
+            in_turn = [name for i in range(max(Ks)) for names in tenants.values() for name in list(names)[i:i + 1]]
             server = server_of(path, dtype_flag, {n: f for names in tenants.values() for n, f in names.items()},
                                args.serve_max_batch, max_len, prefill_layers=layers)
             for K in Ks:
-                servers[MIXED, K] = (server, every[:K])
-        for name, kept in (("base, one at a time", 1), ("base, static batches", args.serve_max_batch)):
-            if name.split(", ")[1].split()[0] in args.serve_methods:
+                servers[MIXED, K] = (server, in_turn[:K])
+        for name, kept, row in (("base, one at a time", 1, "one"), ("base, static batches", args.serve_max_batch,
+                                                                      "static")):
+            if row in args.serve_methods:
                 server = server_of(path, dtype_flag, {}, kept, max_len, static="static" in name, prefill_layers=layers)
                 servers[name, 0] = (server, [server.base_name])
         for server, models in servers.values():  # first calls pay for allocations and kernel choices

@@ -297,10 +297,11 @@ class Engine:
                     if r.options.seed is not None:
                         r.generator = torch.Generator(p.logits.device).manual_seed(r.options.seed)
                 p.going_on = [(j, r) for j, r in enumerate(p.group) if self.advance(r, p.logits[j:j + 1])]
-            column = self.batch.join_column([r for _, r in p.going_on]) if p.going_on else self.batch.c
-            if column is None:
-                return  # the running rows have moved near the cache's end: join once some have finished
-            self.batch.join(p.going_on, p.cache, column)
+            if p.going_on:
+                column = self.batch.join_column([r for _, r in p.going_on])
+                if column is None:
+                    return  # the running rows have moved near the cache's end: join once some have finished
+                self.batch.join(p.going_on, p.cache, column)
         except Exception as e:  # a fault in the engine fails these requests only
             self.fail(p.group, e)
         self.pending = None
@@ -386,10 +387,11 @@ class Bank:
             union = adapters.METHODS[configs[0]["method"]].union
             self.configs.append(union(configs) if union else configs[0])
         self.rows, self.used = {}, collections.OrderedDict()  # name -> (group, row); name -> None, oldest first
+        group = {name: self.group(p["config"]) for name, p in payloads.items()}
         self.free, sizes = [], []  # each group's free rows; its rows
-        for g, config in enumerate(self.configs):
-            mine = [name for name in named if self.group(payloads[name]["config"]) == g]
-            folder = any(self.group(payloads[name]["config"]) == g for name in found if name not in self.pinned)
+        for g in range(len(self.configs)):
+            mine = [name for name in named if group[name] == g]
+            folder = any(group[name] == g for name in found if name not in self.pinned)
             sizes.append(1 + len(mine) + (max_adapters if folder else 0))
             self.free.append(list(range(1 + len(mine), sizes[-1])))
             self.rows |= {name: (g, row) for row, name in enumerate(mine, start=1)}

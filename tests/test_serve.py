@@ -68,6 +68,23 @@ def expected(tiny_dir, path, prompt, **options):
     return generate.generate(model, tokenizer, [tokenizer.encode(prompt)], **options)[0].text
 
 
+def greedy_concurrently(server, jobs):
+    """The answers to jobs [(model, prompt, max_tokens)], each from its own thread and client, greedy; arrivals
+    staggered over 40 ms, so that some join a batch already decoding."""
+    answers = [None] * len(jobs)
+
+    def ask(i, name, prompt, n):
+        time.sleep(0.01 * (i % 5))
+        answers[i] = client(server).completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    return answers
+
+
 PROMPTS = ["w5 w6 w7", "w9 w10 w11 w12 w13 w14 w15 w16", "w20", "w30 w31 w32 w33", "w40 w41", "w50 w51 w52 w53 w54 w55"]
 
 
@@ -91,17 +108,7 @@ def test_18_concurrent_greedy_requests_mixing_the_base_model_and_two_adapters_ge
         tiny_dir, para_files, para_server):
     names = {para_server.base_name: None, "a": para_files[0], "b": para_files[1]}
     jobs = [(name, PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i, name in enumerate(list(names) * 6)]
-    answers = [None] * len(jobs)
-
-    def ask(i, name, prompt, n):
-        time.sleep(0.01 * (i % 5))  # staggered arrivals: some join a batch already decoding
-        answers[i] = client(para_server).completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
-
-    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
+    answers = greedy_concurrently(para_server, jobs)
     for (name, prompt, n), answer in zip(jobs, answers):
         assert answer.choices[0].text == expected(tiny_dir, names[name], prompt, max_new_tokens=n), (name, prompt)
         assert answer.usage.completion_tokens <= n and answer.model == name
@@ -115,13 +122,7 @@ def test_every_method_serves_its_tenants_exactly(method, settings, tiny_dir, tmp
     server = start_server(tiny_dir, {"a": files[0], "b": files[1]}, "--max_batch", "3")
     try:
         jobs = [(name, PROMPTS[i], 6) for i, name in enumerate(["a", "b", server.base_name, "b", "a", "a"])]
-        answers = [None] * len(jobs)
-        threads = [threading.Thread(target=lambda i=i, j=j: answers.__setitem__(i, client(server).completions.create(
-            model=j[0], prompt=j[1], max_tokens=j[2], temperature=0))) for i, j in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
+        answers = greedy_concurrently(server, jobs)
         paths = {"a": files[0], "b": files[1], server.base_name: None}
         for (name, prompt, n), answer in zip(jobs, answers):
             assert answer.choices[0].text == expected(tiny_dir, paths[name], prompt, max_new_tokens=n), (name, prompt)
@@ -150,17 +151,7 @@ def test_tenants_of_every_method_share_one_batch_and_each_gets_generate_pys_text
         assert len(engine.bank.configs) == len(MIXED)  # one group per method and config
         names = [server.base_name, *paths]
         jobs = [(name, PROMPTS[i % len(PROMPTS)], 3 + i % 7) for i, name in enumerate(names * 2)]
-        answers = [None] * len(jobs)
-
-        def ask(i, name, prompt, n):
-            time.sleep(0.01 * (i % 4))
-            answers[i] = client(server).completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
-
-        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
+        answers = greedy_concurrently(server, jobs)
         paths[server.base_name] = None
         for (name, prompt, n), answer in zip(jobs, answers):
             assert answer.choices[0].text == expected(tiny_dir, paths[name], prompt, max_new_tokens=n), (name, prompt)
