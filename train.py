@@ -722,10 +722,7 @@ def train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps):
                 desc="train")
     while not state.done:
         t0 = time.time()
-        # the global batch: the shuffle is a function of (seed, epoch) alone, so the step number is the data position
-        epoch, index = divmod(state.step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        batch = [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+        epoch, batch = global_batch(train, seed, state.step, steps_per_epoch, batch_size)
         n_targets = sum(len(t) for _, t in batch)
 
         # forward and backward, one micro-batch at a time: each adds its summed loss / the batch's target count
@@ -746,15 +743,8 @@ def train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps):
 
         # clip, let AdaLoRA score the step, then AdamW at this step's learning rate
         grad_norm = clip_gradients(run, loss, epoch)
-        if run.allocator:  # AdaLoRA: score every triplet from this step's weights and gradients, before they change
-            run.allocator.update(state.step + 1)
         lr = lr_at(state.step, lr_of(args), warmup_steps, total_steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.allocator:  # prune the singular values outside the budget (the optimizer moved them too)
-            run.allocator.mask()
+        adamw_step(run, state.step + 1, lr)
 
         # bookkeeping: the log, the progress bar, and the time and tokens counted in results.json
         state.step += 1
@@ -776,6 +766,26 @@ def train_loop(run, train, dev, seed, batch_size, steps_per_epoch, total_steps):
     pbar.close()
     if run.log:
         run.log.close()
+
+
+def global_batch(train, seed, step, steps_per_epoch, batch_size):
+    """(epoch, the examples of optimizer step `step`): the shuffle is a function of (seed, epoch) alone, so the step
+    number is the data position (a resumed run takes up the same examples)."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return epoch, [train[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+
+
+def adamw_step(run, t, lr):
+    """Optimizer step t (1, 2, ...) at learning rate lr, with AdaLoRA's scoring before it and pruning after."""
+    if run.allocator:  # AdaLoRA: score every triplet from this step's weights and gradients, before they change
+        run.allocator.update(t)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.allocator:  # prune the singular values outside the budget (the optimizer moved them too)
+        run.allocator.mask()
 
 
 def clip_gradients(run, loss, epoch):
