@@ -5,6 +5,7 @@ Meta's names and RoPE layout by a small reader, never by a second model class; a
     model, tokenizer = load("llama-2-7b", device="cuda")   # or an HF folder, or a .gguf file; None: SmolLM2-135M
     save(model, tokenizer, "my-model")                     # an HF folder that load() reads back, bit for bit
 """
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -28,13 +29,14 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 EMULATED_BF16 = "about 47x slower than fp32 (measured on an AVX2 CPU)"
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where unknown."""
+@functools.cache
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux's /proc/cpuinfo, read once); empty where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+            return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
-        return set()
+        return frozenset()
 
 
 def native_bf16(device: torch.device) -> bool:

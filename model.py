@@ -109,7 +109,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, nkv, S, hd)
         # softmax(q k^T / sqrt(hd) + mask) v, fused. enable_gqa lets each group of nh/nkv query
         # heads share one key/value head, so the cache only ever holds nkv heads. In the cache's dtype: generate.py
-        # keeps a bf16 model's cache in fp32 on a CPU, where fused bf16 attention is several times slower
+        # keeps a bf16 model's cache in fp32 on a CPU without AMX, where fused bf16 attention is several times slower
         y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)

@@ -1,5 +1,6 @@
 """generate.py: greedy and beam search equal HF Transformers' generate, batches equal single prompts,
 the cache equals recomputation, sampling is seeded, and the command line refuses bad input clearly."""
+import copy
 import json
 
 import pytest
@@ -126,6 +127,41 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(tiny
             next_token = logits.argmax(-1)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             logits = decode_step(model, next_token, 6 + step, cache)
+
+
+def test_a_bf16_models_cache_is_bf16_where_the_cpu_has_amx_and_fp32_on_other_cpus(tiny, monkeypatch):
+    _, model, _ = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for flags, dtype in (({"avx2"}, torch.float32), ({"avx512_bf16"}, torch.float32),
+                         ({"avx512_bf16", "amx_bf16"}, torch.bfloat16)):
+        monkeypatch.setattr(generate, "cpu_flags", lambda: frozenset(flags))
+        assert generate.cache_dtype(bf16) == dtype
+        assert generate.cache_dtype(model) == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bf16_model_decodes_over_either_cache_as_closely_as_recomputing_in_bf16(tiny, dtype):
+    """Both caches are correct for a bf16 model: decoding over one is as far from the fp32 model's logits as
+    recomputing the whole sequence in bf16 is. Measured over 6 prompt pairs x 5 steps: the worst error over an fp32
+    cache is 0.68 - 1.14 times recomputing's (attention in fp32, not bf16); over a bf16 cache 1.00 (the same bits
+    on an AMX CPU)."""
+    _, model, _ = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    tokens, pad_len = generate.left_pad(random_prompts([6, 3], seed=5), 0, "cpu")  # (2, 6), pad_len [0, 3]
+    args = model.args
+    cache = KVCache(args.n_layers, 2, 6 + 5, args.n_kv_heads, args.head_dim, dtype=dtype, pad_len=pad_len)
+    cached, recomputed = [], []
+    with torch.inference_mode():
+        logits = prefill(bf16, tokens, cache)
+        for step in range(5):
+            exact = model(tokens, pad_len=pad_len)[:, -1]
+            cached.append((logits - exact).abs().max())
+            recomputed.append((bf16(tokens, pad_len=pad_len)[:, -1] - exact).abs().max())
+            next_token = exact.argmax(-1)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            logits = decode_step(bf16, next_token, 6 + step, cache)
+    assert cache.k[0].dtype == dtype
+    assert max(cached) <= 1.5 * max(recomputed)
 
 
 def test_reordered_cache_gives_the_logits_of_the_reordered_rows(tiny):
