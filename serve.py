@@ -284,13 +284,13 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self):
-        """The next piece of the pending group's prefill (Prefill: at most prefill_layers layers). After the last,
-        each request's first token; those that go on join the batch when it has room for them (rows may have moved
-        on since the group was admitted)."""
+        """The next piece of the pending group's prefill (Prefill: at most prefill_layers layers; all of them when no
+        row is running). After the last, each request's first token; those that go on join the batch when it has
+        room for them (rows may have moved on since the group was admitted)."""
         p = self.pending
         try:
-            if p.logits is None:
-                p.run(self.prefill_layers)
+            if p.logits is None:  # into an empty batch, whole: no running row waits for it
+                p.run(self.prefill_layers if self.batch.rows else len(self.model.layers))
                 if p.logits is None:
                     return
                 for r in p.group:
