@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import para
 from errors import UserError
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -59,7 +60,7 @@ class IA3Linear(AdaptedLinear):
     TENSORS = ("ia3_vector",)
 
     def adapt(self, x, y, l):  # l (out,), or each row's (B, 1, out)
-        return cast_back(l * y.float(), y)  # l ⊙ (x W^T)
+        return para.scale(l, y)  # l ⊙ (x W^T), as PARA's vectors scale (in fp32, in place when generating)
 
 
 class LoRALinear(AdaptedLinear):
