@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import adapters
 import generate
+import para
 from generate import KVCache
 from model import ModelArgs, Transformer
 from tiny_llama import (R, SETTINGS, WIDE, WIDE_ARGS as ARGS, adapted, fresh, hf_twin, meta_to_hf_rope,
@@ -132,6 +133,22 @@ def test_adapter_over_a_bf16_model_is_fp32_exact_at_init_and_keeps_bf16_activati
         model.layers[-1].register_forward_hook(lambda m, inp, out: dtypes.append(out.dtype))
         model(tokens)
     assert dtypes == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaling_in_place_when_generating_gives_the_bits_of_the_fp32_product_rounded_once(dtype):
+    # para.scale multiplies in place without autograd, and out of place (l * y.float(), rounded to y's dtype) with
+    # it: a bf16 y times an fp32 l in place is computed in fp32 and rounded once too. Vectors near 1, as trained ones.
+    g = torch.Generator().manual_seed(0)
+    for l_shape, y_shape in (((2, 1, 48), (2, 7, 48)), ((48,), (3, 5, 48))):  # each row's vector; (IA)^3's one
+        l = 1 + 0.01 * torch.randn(l_shape, generator=g)
+        y = torch.randn(y_shape, generator=g).to(dtype)
+        expected = (l * y.float()).to(dtype)
+        with torch.no_grad():
+            out = para.scale(l, y.clone())
+        assert out.dtype == dtype and torch.equal(out, expected)
+        if dtype == torch.bfloat16:  # and it matters: rounding the vectors to bf16 first gives other numbers
+            assert not torch.equal(expected, y * l.to(dtype))
 
 
 # AdaLoRA is left out: its update P Λ Q is a product of three factors that start at 0 and ±0.02, so one step at
