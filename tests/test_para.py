@@ -144,8 +144,11 @@ def test_scaling_in_place_when_generating_gives_the_bits_of_the_fp32_product_rou
         l = 1 + 0.01 * torch.randn(l_shape, generator=g)
         y = torch.randn(y_shape, generator=g).to(dtype)
         expected = (l * y.float()).to(dtype)
+        assert torch.equal(para.scale(l, y.clone()), expected)  # with autograd: out of place
+        scaled = y.clone()
         with torch.no_grad():
-            out = para.scale(l, y.clone())
+            out = para.scale(l, scaled)
+        assert out.data_ptr() == scaled.data_ptr()  # in place: no new (B, T, d) tensor
         assert out.dtype == dtype and torch.equal(out, expected)
         if dtype == torch.bfloat16:  # and it matters: rounding the vectors to bf16 first gives other numbers
             assert not torch.equal(expected, y * l.to(dtype))
