@@ -245,7 +245,7 @@ def per_row(tensor, adapter_ids):
     its row; (B, *shape) for a matrix, for a batched matmul."""
     if adapter_ids is None:
         return tensor[0]
-    rows = tensor[adapter_ids]
+    rows = tensor.index_select(0, adapter_ids)  # = tensor[adapter_ids]; a bank's VG in 0.6 - 0.75 of the time (CPU)
     return rows[:, None] if rows.ndim == 2 else rows
 
 

@@ -138,7 +138,7 @@ def test_adapter_over_a_bf16_model_is_fp32_exact_at_init_and_keeps_bf16_activati
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scaling_in_place_when_generating_gives_the_bits_of_the_fp32_product_rounded_once(dtype):
     # para.scale multiplies in place without autograd, and out of place (l * y.float(), rounded to y's dtype) with
-    # it: a bf16 y times an fp32 l in place is computed in fp32 and rounded once too. Vectors near 1, as trained ones.
+    # it: a bf16 y is taken to fp32, scaled and rounded back into itself, once. Vectors near 1, as trained ones.
     g = torch.Generator().manual_seed(0)
     for l_shape, y_shape in (((2, 1, 48), (2, 7, 48)), ((48,), (3, 5, 48))):  # each row's vector; (IA)^3's one
         l = 1 + 0.01 * torch.randn(l_shape, generator=g)
