@@ -63,9 +63,7 @@ def scale(l, y):
     Without autograd (generation) y is scaled in place: the same numbers, and no new (B, T, d) tensor to fill
     (measured on one CPU thread: 5% of a 274-token prefill of SmolLM2 under PARA in fp32). A bf16 y on a CPU is
     taken to fp32 and back explicitly: the same bits as y.mul_(l), whose mixed bf16 x fp32 product PyTorch's CPU
-    kernels take element by element (a GPU fuses it into one pass). On two threads, with adapters.per_row's
-    index_select, PARA's bf16 prefill went from 1.15 to 1.12 of the base model's (one 274-token prompt), and from
-    1.24 to 1.20 (8 prompts of 32 tokens)."""
+    kernels take element by element (a GPU fuses it into one pass): see README, "In bf16"."""
     fp32_out = y.dtype != torch.float32 and torch.is_autocast_enabled(y.device.type)  # bf16 training
     if not torch.is_grad_enabled() and not fp32_out:
         if y.dtype == l.dtype or y.device.type != "cpu":
