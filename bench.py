@@ -60,7 +60,9 @@ import sys
 import time
 import zlib
 
-import torch
+os.environ.setdefault("GOMP_SPINCOUNT", "1000000")  # before torch loads: serve.py's setting, for its servers here
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 import adapters

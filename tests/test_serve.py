@@ -552,3 +552,28 @@ def test_a_prefill_in_pieces_of_layers_lets_the_running_rows_decode_in_between(t
     base, _ = load(str(tiny_dir))
     for r, model in ((first, adapted), (second, base)):
         assert text_of(r) == generate.generate(model, tokenizer, [r.prompt], max_new_tokens=8, eos_id=-1)[0].text
+
+
+SPY = """import os, sys
+class Spy:  # notes GOMP_SPINCOUNT when torch is first imported: libgomp reads it once, as torch loads
+    seen = "torch not imported"
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and Spy.seen == "torch not imported":
+            Spy.seen = os.environ.get("GOMP_SPINCOUNT")
+sys.meta_path.insert(0, Spy())
+import {module}
+print(Spy.seen)
+"""
+
+
+@pytest.mark.parametrize("module", ["serve", "bench"])
+def test_the_openmp_spin_count_is_set_before_torch_loads_and_a_users_own_is_kept(module):
+    root = Path(__file__).resolve().parents[1]
+    for given, expected in ((None, "1000000"), ("5", "5")):
+        env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+        if given is not None:
+            env["GOMP_SPINCOUNT"] = given
+        out = subprocess.run([sys.executable, "-c", SPY.format(module=module)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == expected
