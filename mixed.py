@@ -43,12 +43,21 @@ class Rows:
 
     def __init__(self, adapter_ids):
         self.ids = adapter_ids
-        self.of = []
+        self.of, self.shared = [], {}  # shared: group -> every_row(group)
         for ids in adapter_ids.unbind(1):
             mine = ids != 0
             index = None if mine.all() else mine.nonzero()[:, 0]
             self.of.append(None if index is not None and len(index) == 0 else
                            (index, ids if index is None else ids[index]))
+
+    def every_row(self, g):
+        """Every row's id in group g: one int when they are all the same (a prefill of one prompt, say), so that
+        adapters.per_row reads that row of the bank in place instead of gathering a copy for each row; else (B,).
+        Found at the first layer's call, kept for the others."""
+        if g not in self.shared:
+            ids = self.ids[:, g]
+            self.shared[g] = int(ids[0]) if bool((ids == ids[0]).all()) else ids
+        return self.shared[g]
 
 
 class Mixed(adapters.Bank):
@@ -89,7 +98,7 @@ def prompt_vectors(block, a, start_pos, vectors, rows):
     for vg in block.vector_generators:
         key = (block.attention.layer_id, vg.group)
         if isinstance(start_pos, int) and start_pos == 0:
-            vectors[key] = vg(a[:, -1], rows.ids[:, vg.group])  # every row: the others' vectors are exactly 1
+            vectors[key] = vg(a[:, -1], rows.every_row(vg.group))  # every row: the others' vectors are exactly 1
         elif key not in vectors:
             raise RuntimeError("PARA has no vectors for these rows: run their prompt (start_pos=0) before decoding, "
                                "with the same store of vectors")

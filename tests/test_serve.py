@@ -529,6 +529,44 @@ def test_a_prompt_longer_than_prefill_tokens_is_prefilled_alone_and_static_batch
     finish(engine)
 
 
+def test_a_prefill_group_of_one_tenant_reads_its_bank_row_in_place_and_makes_the_vectors_of_the_adapter_alone(
+        tiny_dir, para_files, monkeypatch):
+    """Three prompts for tenant "a" in one group: the vector generator reads a's row of the bank as it is (an int, not
+    a gather per row), and every layer's vectors have the bits of generate.prefill with adapter a alone on the same
+    prompts. A group of a's and the base model's rows gathers each row's."""
+    model, tokenizer = load(str(tiny_dir))
+    bank = serve.Bank(model, {"a": para_files[0]})
+    ids_seen, per_row = [], adapters.per_row
+    monkeypatch.setattr(adapters, "per_row", lambda t, ids: (ids_seen.append(ids), per_row(t, ids))[1])
+    prompts = [tokenizer.encode(w) for w in PROMPTS[:3]]
+    options = generate.Options(max_new_tokens=2, eos_id=-1)
+    n_layers = model.args.n_layers
+
+    group = [serve.Request(p, options, "a", adapter=bank.rows["a"]) for p in prompts]
+    prefill = serve.Prefill(model, group, tokenizer.pad_id, bank)
+    prefill.run(n_layers)
+    assert ids_seen == [bank.rows["a"][1]] * 3 * n_layers  # down, up, bias of a's row, read in place, every layer
+
+    alone, _ = load(str(tiny_dir))
+    adapters.load_adapter(alone, [para_files[0]])
+    tokens, pad_len = generate.left_pad(prompts, tokenizer.pad_id, torch.device("cpu"))
+    a = alone.args
+    cache = generate.KVCache(a.n_layers, len(prompts), tokens.shape[1], a.n_kv_heads, a.head_dim, torch.device("cpu"),
+                             generate.cache_dtype(alone), pad_len=pad_len)
+    generate.prefill(alone, tokens, cache)
+    for layer in range(n_layers):
+        ours, theirs = prefill.cache.vectors[layer, 0], cache.vectors[layer]
+        assert all(torch.equal(x, y) for x, y in zip(ours, theirs))
+        assert not torch.equal(theirs[2], torch.ones_like(theirs[2]))  # a trained adapter's vectors, not the identity
+
+    ids_seen.clear()
+    group = [serve.Request(prompts[0], options, "a", adapter=bank.rows["a"]),
+             serve.Request(prompts[1], options, "base", adapter=serve.BASE)]
+    serve.Prefill(model, group, tokenizer.pad_id, bank).run(n_layers)
+    assert len(ids_seen) == 3 * n_layers and all(torch.equal(ids, torch.tensor([bank.rows["a"][1], 0]))
+                                                 for ids in ids_seen)
+
+
 def test_a_prefill_in_pieces_of_layers_lets_the_running_rows_decode_in_between(tiny_dir, para_files):
     """--prefill_layers 1 on the 2-layer model: a prefill into an empty batch runs whole (no row waits for it); one
     while a request runs takes two iterations, and the running request gets a token between them; both texts are
