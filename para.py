@@ -56,6 +56,8 @@ def gelu(x):
     """The exact GELU, x Φ(x) with Φ the standard normal CDF (Hendrycks and Gimpel's definition). Not F.gelu: on a
     CPU it hands an fp32 tensor to oneDNN, whose fixed cost per call (10 µs, 50 between the model's matmuls) is a
     third of the VG's time on its (B, 1, r) input; PyTorch's own kernels take 2 calls and are as accurate."""
+    if x.dtype != torch.float32:  # bf16 autocast (training) made the VG's matmul bf16: F.gelu rounds once, not twice
+        return F.gelu(x)
     return x * torch.special.ndtr(x)
 
 

@@ -86,6 +86,8 @@ def test_the_vector_generators_gelu_is_the_exact_gelu_and_as_accurate_as_f_gelu(
         errors[name] = ((y.double() - ref).abs().max().item(), (x32.grad.double() - ref_grad).abs().max().item())
     assert errors["ours"][0] <= max(errors["F.gelu"][0], 2 * ulp(ref.abs().max().item())), errors
     assert errors["ours"][1] <= max(errors["F.gelu"][1], 2 * ulp(ref_grad.abs().max().item())), errors
+    low = x.detach().bfloat16()  # under bf16 autocast (training): F.gelu's bf16 result, rounded once
+    assert torch.equal(para.gelu(low), F.gelu(low))
 
 
 def test_fresh_vector_generator_outputs_exactly_one():
