@@ -24,7 +24,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import para
 from errors import UserError
@@ -85,7 +84,7 @@ class HoulsbyLinear(AdaptedLinear):
     TENSORS = ("houlsby_down", "houlsby_down_bias", "houlsby_up", "houlsby_up_bias")
 
     def adapt(self, x, z, down, down_bias, up, up_bias):  # (m, d), (m,), (d, m), (d,), or each row's
-        return cast_back(z.float() + F.gelu(z.float() @ down.mT + down_bias) @ up.mT + up_bias, z)  # z + up(GELU(down(z)))
+        return cast_back(z.float() + para.gelu(z.float() @ down.mT + down_bias) @ up.mT + up_bias, z)  # z + up(GELU(down(z)))
 
 
 def adapt(model, targets, cls, new_tensors):
