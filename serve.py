@@ -37,6 +37,8 @@ import signal
 import sys
 import threading
 import time
+import traceback
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -442,7 +444,9 @@ class Bank:
         return [*self.named, *(n for n in found if n not in self.pinned)]
 
     def known(self, name):
-        return name in self.rows or bool(self.dir and (Path(self.dir) / f"{name}.pt").is_file())
+        # a file directly in the folder: a name with a path in it ("../x") would reach files outside it
+        return name in self.rows or bool(self.dir and name == Path(name).name and "\0" not in name and
+                                         (Path(self.dir) / f"{name}.pt").is_file())
 
     def load(self, name, in_use):
         """Put adapter `name` in a row of its group (already there, a free row, or the least recently used row of
@@ -480,10 +484,11 @@ class BadRequest(Exception):
         self.status, self.param = status, param
 
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n"}
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n"}
 ACCEPTED = {"/v1/completions": COMMON | {"prompt"}, "/v1/chat/completions": COMMON | {"messages",
                                                                                       "max_completion_tokens"}}
 ROLES = ("system", "user", "assistant")
+MAX_BODY = 1 << 24  # bytes: a request body past 16 MiB is refused before it is read (a context of text is far less)
 
 
 def number(body, key, kind, low, high, default, low_open=False):
@@ -497,6 +502,23 @@ def number(body, key, kind, low, high, default, low_open=False):
         raise BadRequest(400, f"{key!r} must be {'a number' if kind is float else 'an integer'} in {interval}, got "
                               f"{json.dumps(value)[:40]}", key)
     return kind(value)
+
+
+def text_of(content):
+    """A chat message's content as text: a string, or OpenAI's list of text parts, joined by newlines (as vLLM
+    joins them); None if it is neither (an image, say: this server reads text only)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"} and isinstance(p["text"], str)
+            for p in content):
+        return "\n".join(p["text"] for p in content)
+    return None
+
+
+def usage(request):
+    n_prompt, n_new = len(request.prompt), len(request.tokens)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
 
 class Server(ThreadingHTTPServer):
@@ -513,6 +535,7 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
+    include_usage = False  # this request's stream_options: a last chunk with the usage (parse sets it)
 
     def log_message(self, format, *args):  # one line per request on stderr, as the standard server does, but terse
         if not self.server.quiet:
@@ -527,19 +550,30 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def send_error_json(self, status, message, param=None):
-        kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "service_unavailable"}.get(status, "server_error")
+        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
         self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard server's own errors (a malformed request line, a method other than GET and POST) in JSON too."""
+        self.close_connection = True
+        self.send_error_json(code, message or self.responses.get(code, ("error",))[0])
 
     def do_GET(self):
         server = self.server
+        model = lambda name: {"id": name, "object": "model", "created": 0, "owned_by": "local"}
         if self.path == "/health":
             self.send_json(200, {"status": "ok", "waiting": len(server.engine.waiting),
                                  "running": len(server.engine.batch.rows)})
         elif self.path == "/v1/models":
             names = [server.base_name, *server.engine.bank.names()]
-            self.send_json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
-                                                             "owned_by": "local"} for n in names]})
+            self.send_json(200, {"object": "list", "data": [model(name) for name in names]})
+        elif self.path.startswith("/v1/models/"):  # one model: the base model or an adapter, by its id
+            name = urllib.parse.unquote(self.path.removeprefix("/v1/models/"))
+            if name == server.base_name or server.engine.bank.known(name):
+                self.send_json(200, model(name))
+            else:
+                self.send_error_json(404, f"no model or adapter named {name[:80]!r}: GET /v1/models lists them", "model")
         else:
             self.send_error_json(404, f"no such path {self.path[:80]!r}: GET /health or /v1/models")
 
@@ -559,6 +593,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_error_json(429, "too many requests are waiting: try again later")
             except Draining:
                 return self.send_error_json(503, "the server is shutting down")
+            except Exception as e:  # a fault of ours: this request fails with a 500 and the trace, the server serves on
+                traceback.print_exc()
+                return self.send_error_json(500, f"internal error while reading the request: {type(e).__name__}: {e}")
             try:
                 self.stream(request) if stream else self.answer(request)
             except (BrokenPipeError, ConnectionResetError):  # the client went away: its request stops at the next step
@@ -570,13 +607,24 @@ class Handler(BaseHTTPRequestHandler):
     def parse(self):
         """The body, checked: a Request and whether to stream. Every field is checked; unknown ones are refused."""
         server = self.server
+        size = self.headers.get("Content-Length", "")
+        if not (size.isascii() and size.isdigit()):  # no body, or a length that cannot be read up to (a negative one reads until EOF)
+            raise BadRequest(400, "a POST needs a Content-Length header with the body's size in bytes")
+        if int(size) > MAX_BODY:
+            self.close_connection = True  # the body is left unread
+            raise BadRequest(413, f"the body has {size} bytes, more than this server reads ({MAX_BODY})")
         try:
-            size = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(size), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+            body = json.loads(self.rfile.read(int(size)),
+                              parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
         except ValueError as e:
             raise BadRequest(400, f"the body is not valid JSON ({str(e)[:80]}); NaN and Infinity are not numbers")
         if not isinstance(body, dict):
             raise BadRequest(400, "the body must be a JSON object")
+        try:  # JSON may escape half of a UTF-16 pair ("\ud800"): Python reads it, but it is no text to tokenize
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest(400, "a string in the body holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                                  "without its pair): send text as valid UTF-8 or paired escapes")
         unknown = sorted(set(body) - ACCEPTED[self.path])
         if unknown:
             raise BadRequest(400, f"unsupported parameter(s): {', '.join(unknown)[:200]}", unknown[0])
@@ -593,11 +641,12 @@ class Handler(BaseHTTPRequestHandler):
             messages = body.get("messages")
             if not (isinstance(messages, list) and messages and all(
                     isinstance(m, dict) and set(m) <= {"role", "content", "name"} and m.get("role") in ROLES and
-                    isinstance(m.get("content"), str) for m in messages)):
+                    text_of(m.get("content")) is not None for m in messages)):
                 raise BadRequest(400, "'messages' must be a non-empty list of {\"role\": \"system\"|\"user\"|"
-                                      "\"assistant\", \"content\": string}", "messages")
+                                      "\"assistant\", \"content\": a string, or a list of {\"type\": \"text\", "
+                                      "\"text\": string} parts}", "messages")
             try:
-                prompt = tokenizer.format_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+                prompt = tokenizer.format_chat([{"role": m["role"], "content": text_of(m["content"])} for m in messages])
             except UserError as e:
                 raise BadRequest(400, str(e), "messages")
         else:
@@ -624,6 +673,13 @@ class Handler(BaseHTTPRequestHandler):
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(400, "'stream' must be true or false", "stream")
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not (stream and isinstance(stream_options, dict) and
+                                               set(stream_options) <= {"include_usage"} and
+                                               isinstance(stream_options.get("include_usage", False), bool)):
+            raise BadRequest(400, "'stream_options' goes with \"stream\": true, and holds only "
+                                  "{\"include_usage\": true|false}", "stream_options")
+        self.include_usage = bool(stream_options and stream_options.get("include_usage"))
         adapter = BASE if name == server.base_name else server.engine.bank.rows.get(name)  # None: load on admission
         return Request(prompt, options, name, adapter=adapter, chat=chat), stream
 
@@ -638,13 +694,12 @@ class Handler(BaseHTTPRequestHandler):
                 return
 
     def body(self, request, text, reason):
-        chat, n_prompt, n_new = request.chat, len(request.prompt), len(request.tokens)
+        chat = request.chat
         choice = {"index": 0, "finish_reason": reason}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
         return {"id": ("chatcmpl-" if chat else "cmpl-") + request.id, "created": request.created,
                 "object": "chat.completion" if chat else "text_completion", "model": request.model,
-                "choices": [choice], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
-                                               "total_tokens": n_prompt + n_new}}
+                "choices": [choice], "usage": usage(request)}
 
     def answer(self, request):
         parts, reason = [], None
@@ -667,6 +722,8 @@ class Handler(BaseHTTPRequestHandler):
         chat = request.chat
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + request.id, "created": request.created,
                 "object": "chat.completion.chunk" if chat else "text_completion", "model": request.model}
+        if self.include_usage:  # OpenAI's stream_options: every chunk has "usage", null until a last chunk of its own
+            head["usage"] = None
 
         def chunk(text, reason=None):
             choice = {"index": 0, "finish_reason": reason}
@@ -678,6 +735,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for kind, value in self.events(request):
                 chunk(value) if kind == "text" else chunk("", value)
+            if self.include_usage:
+                self.wfile.write(f"data: {json.dumps(head | {'choices': [], 'usage': usage(request)})}\n\n".encode())
         except RuntimeError as e:
             self.wfile.write(f"data: {json.dumps({'error': {'message': str(e), 'code': 500}})}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")

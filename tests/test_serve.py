@@ -260,6 +260,79 @@ def test_a_bad_request_gets_an_openai_style_error_and_the_server_serves_on(body,
     assert client(para_server).completions.create(model="a", prompt="w5", max_tokens=2, temperature=0).choices
 
 
+def raw_request(server, head, body=b""):
+    """(status, parsed JSON) of one request sent as raw bytes: a request line and headers `head`, then `body`."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + b"\r\nHost: x\r\n\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)  # a server that waited for more of the body would now read its end
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("head, body, status, words", [
+    # JSON may escape half a UTF-16 pair; Python reads it, no tokenizer can (it used to drop the connection)
+    ("POST /v1/completions HTTP/1.1\r\nContent-Length: 38", b'{"model": "a", "prompt": "w5 \\ud800"}', 400,
+     "lone UTF-16 surrogate"),
+    ("POST /v1/completions HTTP/1.1\r\nContent-Length: -5", b'{"model": "a"}', 400, "Content-Length"),
+    ("POST /v1/completions HTTP/1.1", b'{"model": "a", "prompt": "w5"}', 400, "Content-Length"),
+    (f"POST /v1/completions HTTP/1.1\r\nContent-Length: {serve.MAX_BODY + 1}", b"{", 413, "more than this server"),
+    ("DELETE /v1/completions HTTP/1.1", b"", 501, "Unsupported method"),  # the standard server's own error, in JSON
+])
+def test_a_malformed_http_request_gets_a_json_error_and_the_server_serves_on(head, body, status, words, para_server):
+    got, answer = raw_request(para_server, head, body)
+    assert got == status and words in answer["error"]["message"], answer
+    assert client(para_server).completions.create(model="a", prompt="w5", max_tokens=2, temperature=0).choices
+
+
+def test_a_fault_while_reading_a_request_answers_500_and_the_server_serves_on(para_server, monkeypatch):
+    def faulty(text):
+        raise KeyError("injected")
+    monkeypatch.setattr(para_server.engine.tokenizer, "encode", faulty)
+    status, answer = post(para_server, "/v1/completions", {"model": "a", "prompt": "w5"})
+    monkeypatch.undo()
+    assert status == 500 and "KeyError" in answer["error"]["message"] and "injected" in answer["error"]["message"]
+    assert client(para_server).completions.create(model="a", prompt="w5", max_tokens=2, temperature=0).choices
+
+
+def test_a_model_is_retrieved_by_its_id(para_server):
+    c = client(para_server)
+    assert c.models.retrieve("b").id == "b" and c.models.retrieve(para_server.base_name).id == para_server.base_name
+    with pytest.raises(openai.NotFoundError, match="nobody"):
+        c.models.retrieve("nobody")
+
+
+def test_chat_content_as_text_parts_is_the_joined_text_and_other_parts_are_refused(para_server, monkeypatch):
+    tokenizer, seen = para_server.engine.tokenizer, []
+
+    def format_chat(messages):  # the tiny model has no chat format: record what the server would format
+        seen.append(messages)
+        return tokenizer.encode(" ".join(m["content"] for m in messages))
+    monkeypatch.setattr(tokenizer, "format_chat", format_chat)
+    ask = lambda content: client(para_server).chat.completions.create(
+        model="a", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0)
+    assert ask([{"type": "text", "text": "w5 w6"}, {"type": "text", "text": "w7"}]).choices[0].message.content
+    assert seen == [[{"role": "user", "content": "w5 w6\nw7"}]]
+    with pytest.raises(openai.BadRequestError, match="text"):
+        ask([{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}])
+    assert len(seen) == 1
+
+
+def test_a_stream_with_include_usage_ends_with_the_usage_of_the_plain_response(para_server):
+    c = client(para_server)
+    plain = c.completions.create(model="b", prompt=PROMPTS[1], max_tokens=7, temperature=0)
+    chunks = list(c.completions.create(model="b", prompt=PROMPTS[1], max_tokens=7, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage and plain.usage.completion_tokens == 7
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert "".join(chunk.choices[0].text for chunk in chunks[:-1]) == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="stream_options"):  # without "stream": true it means nothing
+        c.completions.create(model="b", prompt="w5", max_tokens=2, stream_options={"include_usage": True})
+
+
 def test_nan_is_refused(para_server):
     got, answer = post(para_server, "/v1/completions", None, b'{"model": "a", "prompt": "w5", "temperature": NaN}')
     assert got == 400 and "NaN" in answer["error"]["message"]
@@ -338,6 +411,11 @@ def test_adapters_of_a_folder_load_on_first_use_and_the_least_recently_used_make
             text = c.completions.create(model=name, prompt=PROMPTS[1], max_tokens=6, temperature=0).choices[0].text
             assert text == expected(tiny_dir, path, PROMPTS[1], max_new_tokens=6)
         assert [m.id for m in c.models.list().data][1:] == ["x", "y"]
+        # a name is a file in the folder, never a path out of it: ../outside.pt exists, and is not served
+        (tmp_path / "outside.pt").write_bytes(Path(para_files[0]).read_bytes())
+        for name in ("../outside", str(tmp_path / "outside")):
+            with pytest.raises(openai.NotFoundError):
+                c.completions.create(model=name, prompt="w5", max_tokens=2, temperature=0)
     finally:
         stop_server(server)
 
